@@ -1,0 +1,36 @@
+"""fusillade-celery: a self-hosted OpenAI Batch API engine on Celery and PostgreSQL.
+
+``celery -A fusillade_celery worker -Q model.<name>`` finds :data:`app` here; applications
+enqueue work with :func:`submit_batch` and read it back with :func:`get_batch` and
+:func:`iter_results`.
+"""
+
+from .app import app
+from .queues import queue_for_model
+from .settings import Settings
+from .store import NotFound
+from .submit import (
+    Client,
+    cancel_batch,
+    get_batch,
+    iter_file,
+    iter_results,
+    submit_batch,
+)
+from .validation import InputError
+
+from . import tasks as _tasks  # noqa: E402,F401  (registers the tasks on the app)
+
+__all__ = [
+    "Client",
+    "InputError",
+    "NotFound",
+    "Settings",
+    "app",
+    "cancel_batch",
+    "get_batch",
+    "iter_file",
+    "iter_results",
+    "queue_for_model",
+    "submit_batch",
+]

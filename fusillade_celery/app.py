@@ -1,0 +1,97 @@
+"""The Celery application: build it, load config, include the tasks. Nothing else lives here.
+
+``celery -A fusillade_celery worker|beat|flower`` finds ``fusillade_celery.app``. Configuration
+comes from :class:`~fusillade_celery.settings.Settings` (env vars), then from an optional
+``celeryconfig`` module on the path (operator overrides of Celery's own options).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Any
+
+from celery import Celery, signals
+
+from .db import get_engine
+from .queues import CONTROL_QUEUE
+from .schedule import beat_schedule
+from .settings import MEMORY_BROKER, Settings
+from .store import Store
+
+app = Celery("fusillade_celery", include=["fusillade_celery.tasks"])
+
+_current: dict[str, Any] = {}
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """Celery options implied by the settings (DESIGN.md sections 4-6)."""
+    return {
+        "broker_url": settings.broker_url or MEMORY_BROKER,
+        "broker_connection_retry_on_startup": True,
+        "broker_transport_options": {"visibility_timeout": 3600},
+        "result_backend": None,
+        "task_ignore_result": True,
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "task_default_queue": CONTROL_QUEUE,
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 4,
+        "worker_send_task_events": not settings.embedded,  # Flower
+        "task_send_sent_event": not settings.embedded,
+        "worker_hijack_root_logger": False,
+        "beat_schedule": beat_schedule(settings),
+        "timezone": "UTC",
+    }
+
+
+def configure(settings: Settings | None = None) -> Settings:
+    """(Re)configure the app from settings; the CLI and tests call this with explicit ones."""
+    settings = settings or Settings.from_env()
+    _current.clear()
+    _current["settings"] = settings
+    app.conf.update(celery_config(settings))
+    _apply_overrides()
+    return settings
+
+
+def _apply_overrides() -> None:
+    name = os.environ.get("FUSILLADE_CELERY_CONFIG", "celeryconfig")
+    try:
+        module = importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if exc.name != name:
+            raise
+        return
+    app.conf.update({k: v for k, v in vars(module).items() if k.islower() and not k.startswith("_")})
+
+
+def get_settings() -> Settings:
+    if "settings" not in _current:
+        configure()
+    settings: Settings = _current["settings"]
+    return settings
+
+
+def get_store() -> Store:
+    settings = get_settings()
+    return Store(get_engine(settings.database_url, settings.db_pool_size))
+
+
+@signals.celeryd_after_setup.connect
+def _consume_control_queue(sender: Any, instance: Any, **_: Any) -> None:
+    """Every worker also consumes the control queue, whatever its ``-Q``: then beat plus
+    ``worker -Q model.gpt-4`` is a complete deployment (claimer and maintenance find a consumer)."""
+    instance.app.amqp.queues.select_add(CONTROL_QUEUE)
+
+
+@signals.worker_init.connect
+def _check_schema(**_: Any) -> None:
+    """Fail at start-up with a clear message, not on the first task, if not migrated."""
+    from .migrate import ensure_schema
+
+    ensure_schema(get_store().engine)
+
+
+configure()

@@ -1,0 +1,78 @@
+"""The claim path: pending rows -> claimed -> execute messages on ``model.<name>`` queues.
+
+Runs on beat's schedule, right after a submit, and inline in a worker whenever a message
+finishes and frees slots. Capacity is counted in the database, so the limit holds across every
+worker on every machine; queues carry ids and tokens, never state.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+
+from .settings import Settings
+from .store import Claimed, Store
+
+log = logging.getLogger(__name__)
+
+#: publish(routed_model, token, request_ids) -> None. One call per claim statement; the
+#: implementation splits it into messages and publishes them over one broker connection.
+Publish = Callable[[str, str, Sequence[int]], None]
+
+
+def chunked(ids: Sequence[int], size: int) -> list[list[int]]:
+    size = max(1, size)
+    return [list(ids[i : i + size]) for i in range(0, len(ids), size)]
+
+
+def claim_model(
+    store: Store, settings: Settings, publish: Publish, model: str, now: float | None = None
+) -> int:
+    """Claim and dispatch what ``model``'s limit allows; returns how many were claimed.
+
+    SLA escalation comes first: rows whose batch has less than the threshold left go to the
+    escalation model's queue under that model's limit, and ``routed_model`` records it."""
+    now = time.time() if now is None else now
+    total = 0
+    escalation = settings.escalations.get(model)
+    if escalation is not None:
+        total += _claim_into(
+            store, settings, publish, model, escalation.model, now,
+            deadline_before=now + escalation.threshold_s,
+        )
+    total += _claim_into(store, settings, publish, model, model, now)
+    return total
+
+
+def _claim_into(
+    store: Store,
+    settings: Settings,
+    publish: Publish,
+    model: str,
+    routed: str,
+    now: float,
+    deadline_before: float | None = None,
+) -> int:
+    token, rows = store.claim(
+        model,
+        routed,
+        limit=settings.limit_for(routed),
+        batch_size=settings.claim_batch_size,
+        now=now,
+        deadline_before=deadline_before,
+    )
+    if not rows:
+        return 0
+    publish(routed, token, [c.id for c in rows])
+    log.debug("claimed %d of %s for queue of %s", len(rows), model, routed)
+    return len(rows)
+
+
+def claim_all(store: Store, settings: Settings, publish: Publish) -> dict[str, int]:
+    """One claimer run over every model with running batches."""
+    now = time.time()
+    return {m: claim_model(store, settings, publish, m, now) for m in sorted(store.active_models())}
+
+
+__all__ = ["Claimed", "Publish", "chunked", "claim_all", "claim_model"]

@@ -1,0 +1,367 @@
+"""``fusillade-celery``: migrate, run, submit, status, results, cancel, demo, mock-upstream.
+
+Every failure a user can cause (bad input, bad configuration, unknown batch, unreachable
+database) ends with one line on stderr and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from .settings import ConfigError, Settings, env_help, redact_url
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_INPUT = 2
+EXIT_INTERRUPTED = 130
+
+
+class CliError(Exception):
+    def __init__(self, message: str, code: int = EXIT_ERROR):
+        super().__init__(message)
+        self.code = code
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _settings() -> Settings:
+    return Settings.from_env()
+
+
+def _client(settings: Settings) -> Any:
+    from .app import configure
+    from .submit import Client
+
+    configure(settings)
+    return Client(settings)
+
+
+def _write_jsonl(path: Path, lines: Iterator[dict[str, Any]]) -> int:
+    n = 0
+    tmp = path.with_name(path.name + ".part")
+    with tmp.open("w", encoding="utf-8") as fh:
+        for line in lines:
+            fh.write(json.dumps(line, ensure_ascii=False, separators=(",", ":")))
+            fh.write("\n")
+            n += 1
+    tmp.replace(path)  # a reader never sees half a file
+    return n
+
+
+class _Bar:
+    """A tqdm progress bar on stderr fed with Batch objects."""
+
+    def __init__(self, label: str, enabled: bool = True):
+        from tqdm import tqdm
+
+        self._bar = tqdm(
+            total=0, desc=label, unit="req", file=sys.stderr, disable=not enabled, dynamic_ncols=True
+        )
+
+    def __call__(self, batch: dict[str, Any]) -> None:
+        counts = batch["request_counts"]
+        done = counts["completed"] + counts["failed"]
+        self._bar.total = counts["total"]
+        self._bar.set_postfix_str(
+            f"{batch['status']} ok={counts['completed']} failed={counts['failed']}", refresh=False
+        )
+        self._bar.update(done - self._bar.n)
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+def _default_paths(input_path: Path, output: str | None, errors: str | None) -> tuple[Path, Path]:
+    stem = input_path.name.removesuffix(".jsonl")
+    out = Path(output) if output else input_path.with_name(f"{stem}.output.jsonl")
+    err = Path(errors) if errors else input_path.with_name(f"{stem}.errors.jsonl")
+    return out, err
+
+
+def _write_results(client: Any, batch_id: str, out: Path, err: Path) -> tuple[int, int]:
+    n_out = _write_jsonl(out, client.iter_results(batch_id))
+    n_err = _write_jsonl(err, client.iter_results(batch_id, errors=True))
+    return n_out, n_err
+
+
+def _follow(client: Any, batch_id: str, on_progress: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    from .states import TERMINAL_BATCH, BatchStatus
+
+    while True:
+        batch: dict[str, Any] = client.get_batch(batch_id)
+        on_progress(batch)
+        if BatchStatus(batch["status"]) in TERMINAL_BATCH:
+            return batch
+        time.sleep(0.5)
+
+
+def _file_sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------- commands
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from .db import get_engine
+    from .migrate import current_revision, upgrade
+
+    settings = _settings()
+    engine = get_engine(settings.database_url)
+    upgrade(engine)
+    print(f"migrated {redact_url(settings.database_url)} to {current_revision(engine)}")
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Submit INPUT and process it to the end; embedded unless a broker is configured."""
+    from .embedded import run_batch
+
+    settings = _settings()
+    input_path = Path(args.input)
+    if not input_path.is_file():
+        raise CliError(f"no such file: {input_path}", EXIT_INPUT)
+    out, err = _default_paths(input_path, args.output, args.errors)
+    client = _client(settings)
+    batch_id = None
+    if settings.embedded and not args.fresh:
+        batch_id = client.store.find_resumable_batch(_file_sha256(input_path), args.upstream)
+        if batch_id:
+            print(f"resuming {batch_id} (same input; --fresh starts over)", file=sys.stderr)
+    if batch_id is None:
+        batch_id = client.submit_batch(
+            input_path,
+            completion_window=args.completion_window,
+            upstream=args.upstream,
+            api_key=args.api_key,
+        )
+        print(f"submitted {batch_id}", file=sys.stderr)
+    bar = _Bar(batch_id, enabled=not args.quiet)
+    try:
+        if settings.embedded:
+            batch = run_batch(client, batch_id, on_progress=bar, concurrency=args.concurrency)
+        else:
+            batch = _follow(client, batch_id, bar)
+    except KeyboardInterrupt:
+        bar.close()
+        print(
+            f"interrupted; run the same command again to resume {batch_id}", file=sys.stderr
+        )
+        sys.stderr.flush()
+        os._exit(EXIT_INTERRUPTED)  # worker threads may sit in an upstream call: do not wait
+    bar.close()
+    n_out, n_err = _write_results(client, batch_id, out, err)
+    counts = batch["request_counts"]
+    print(
+        f"{batch_id} {batch['status']}: {counts['completed']} completed, {counts['failed']} failed"
+        f" -> {out} ({n_out} lines), {err} ({n_err} lines)"
+    )
+    return EXIT_OK
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    client = _client(_settings())
+    metadata = dict(kv.split("=", 1) for kv in args.metadata) if args.metadata else None
+    batch_id = client.submit_batch(
+        Path(args.input),
+        completion_window=args.completion_window,
+        upstream=args.upstream,
+        api_key=args.api_key,
+        metadata=metadata,
+    )
+    print(batch_id)
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    client = _client(_settings())
+    if args.watch:
+        bar = _Bar(args.batch_id)
+        batch = _follow(client, args.batch_id, bar)
+        bar.close()
+    else:
+        batch = client.get_batch(args.batch_id)
+    print(json.dumps(batch, indent=2))
+    return EXIT_OK
+
+
+def cmd_results(args: argparse.Namespace) -> int:
+    client = _client(_settings())
+    out = sys.stdout
+    for line in client.iter_results(args.batch_id, errors=args.errors):
+        out.write(json.dumps(line, ensure_ascii=False, separators=(",", ":")))
+        out.write("\n")
+    return EXIT_OK
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    client = _client(_settings())
+    print(json.dumps(client.cancel_batch(args.batch_id), indent=2))
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(Path(args.out), args.requests, quiet=args.quiet)
+
+
+def cmd_mock_upstream(args: argparse.Namespace) -> int:
+    from .mock_upstream import MockConfig, serve
+
+    config = MockConfig(
+        latency_ms=args.latency_ms,
+        jitter_ms=args.jitter_ms,
+        statuses=[int(s) for s in args.statuses.split(",")] if args.statuses else [],
+        fail_rate=args.fail_rate,
+        fail_status=args.fail_status,
+        reset_rate=args.reset_rate,
+        log_calls=not args.no_log,
+    )
+    serve(config, args.host, args.port)
+    return EXIT_OK
+
+
+def cmd_settings(args: argparse.Namespace) -> int:
+    for name, default, doc in env_help():
+        print(f"{name:<42} {default[:40]:<40} {doc}")
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------- parser
+
+
+def _upstream_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--upstream", help="base URL of the upstream for this batch (default: routes / FUSILLADE_UPSTREAM_URL)"
+    )
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("FUSILLADE_BATCH_API_KEY"),
+        help="API key for --upstream (env FUSILLADE_BATCH_API_KEY); never printed",
+    )
+    p.add_argument(
+        "--completion-window",
+        default=os.environ.get("FUSILLADE_COMPLETION_WINDOW", "24h"),
+        help="deadline of the batch, e.g. 24h, 30m (env FUSILLADE_COMPLETION_WINDOW)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fusillade-celery",
+        description="Self-hosted OpenAI Batch API engine on Celery. "
+        "Settings come from FUSILLADE_* env vars: see `fusillade-celery settings`.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("migrate", help="create or upgrade the schema (FUSILLADE_DATABASE_URL)")
+    p.set_defaults(func=cmd_migrate)
+
+    p = sub.add_parser("run", help="process INPUT.jsonl to the end and write output/error files")
+    p.add_argument("input")
+    p.add_argument("--output", help="output file (default INPUT.output.jsonl)")
+    p.add_argument("--errors", help="error file (default INPUT.errors.jsonl)")
+    _upstream_flags(p)
+    p.add_argument("--fresh", action="store_true", help="do not resume an earlier run of INPUT")
+    p.add_argument("--concurrency", type=int, help="embedded worker threads (default: sum of limits)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("submit", help="validate and enqueue INPUT.jsonl; prints the batch id")
+    p.add_argument("input")
+    _upstream_flags(p)
+    p.add_argument("--metadata", action="append", metavar="KEY=VALUE", help="batch metadata")
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("status", help="the Batch object as JSON")
+    p.add_argument("batch_id")
+    p.add_argument("--watch", action="store_true", help="show progress until the batch ends")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("results", help="output lines (or --errors lines) as JSONL on stdout")
+    p.add_argument("batch_id")
+    p.add_argument("--errors", action="store_true")
+    p.set_defaults(func=cmd_results)
+
+    p = sub.add_parser("cancel", help="cancel a batch")
+    p.add_argument("batch_id")
+    p.set_defaults(func=cmd_cancel)
+
+    p = sub.add_parser("demo", help="run a sample batch against the bundled mock upstream")
+    p.add_argument("--requests", type=int, default=1200, help="lines in the sample batch")
+    p.add_argument("--out", default="demo-out", help="directory for the input and result files")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("mock-upstream", help="serve the OpenAI-compatible mock upstream")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8089, help="0 picks a free port (printed)")
+    p.add_argument("--latency-ms", type=float, default=0.0)
+    p.add_argument("--jitter-ms", type=float, default=0.0)
+    p.add_argument("--statuses", help="status sequence per custom_id, e.g. 503,503,200")
+    p.add_argument("--fail-rate", type=float, default=0.0, help="fraction answered --fail-status")
+    p.add_argument("--fail-status", type=int, default=503)
+    p.add_argument("--reset-rate", type=float, default=0.0, help="fraction answered by a reset")
+    p.add_argument("--no-log", action="store_true", help="do not keep a call log (benchmarks)")
+    p.set_defaults(func=cmd_mock_upstream)
+
+    p = sub.add_parser("settings", help="list every FUSILLADE_* env var with its default")
+    p.set_defaults(func=cmd_settings)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from sqlalchemy.exc import OperationalError
+
+    from .db import SchemaError
+    from .store import NotFound
+    from .validation import InputError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        code: int = args.func(args)
+        return code
+    except InputError as exc:
+        return _fail(f"invalid input: {exc}", EXIT_INPUT)
+    except (ConfigError, SchemaError) as exc:
+        return _fail(f"configuration: {exc}", EXIT_INPUT)
+    except NotFound as exc:
+        return _fail(str(exc), EXIT_INPUT)
+    except CliError as exc:
+        return _fail(str(exc), exc.code)
+    except OperationalError as exc:
+        first = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
+        return _fail(f"database unreachable: {first}", EXIT_ERROR)
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"fusillade-celery: error: {message}", file=sys.stderr)
+    return code
+
+
+def entrypoint() -> None:
+    sys.exit(main())

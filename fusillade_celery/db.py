@@ -1,0 +1,86 @@
+"""Engines: one per process and URL, created lazily so forked workers never share sockets.
+
+SQLite (the embedded default) is tuned for one writer at a time: WAL, a busy timeout, and
+``BEGIN IMMEDIATE`` so a transaction takes the write lock up front instead of failing on the
+upgrade from read to write under concurrency.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
+
+_engines: dict[tuple[str, int], Engine] = {}
+_lock = threading.Lock()
+
+
+class SchemaError(RuntimeError):
+    """The database exists but is not migrated to the version this code needs."""
+
+
+def normalize_url(url: str) -> str:
+    """``postgresql://`` and ``postgres://`` mean psycopg 3 here (the only driver installed)."""
+    for prefix in ("postgres://", "postgresql://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix) :]
+    return url
+
+
+def is_sqlite(url: str) -> bool:
+    return make_url(normalize_url(url)).get_backend_name() == "sqlite"
+
+
+def get_engine(url: str, pool_size: int = 10) -> Engine:
+    """The process's engine for ``url`` (a new one after fork: the key holds the pid)."""
+    key = (url, os.getpid())
+    engine = _engines.get(key)
+    if engine is None:
+        with _lock:
+            engine = _engines.get(key)
+            if engine is None:
+                engine = _create(url, pool_size)
+                _engines[key] = engine
+    return engine
+
+
+def dispose_all() -> None:
+    """Drop every engine of this process (tests, worker shutdown)."""
+    with _lock:
+        for (_, pid), engine in list(_engines.items()):
+            if pid == os.getpid():
+                engine.dispose()
+        _engines.clear()
+
+
+def _create(url: str, pool_size: int) -> Engine:
+    url = normalize_url(url)
+    if is_sqlite(url):
+        engine = create_engine(url, connect_args={"timeout": 60, "check_same_thread": False})
+        _tune_sqlite(engine)
+        return engine
+    kwargs: dict[str, Any] = {
+        "pool_size": pool_size,
+        "max_overflow": pool_size * 2,
+        "pool_pre_ping": True,  # a terminated backend costs one ping, not a failed task
+        "pool_recycle": 1800,
+    }
+    return create_engine(url, **kwargs)
+
+
+def _tune_sqlite(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.isolation_level = None  # we issue BEGIN ourselves, below
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.execute("PRAGMA busy_timeout=60000")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")

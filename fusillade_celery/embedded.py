@@ -1,0 +1,131 @@
+"""Embedded mode: SQLite file, in-process broker, a Celery worker thread and the periodic work
+in the calling thread. No servers to set up.
+
+It runs the very same claimer, execute task and maintenance functions as the distributed mode;
+only the engine (SQLite) and the broker (kombu's in-memory transport) differ. The state of record
+is the SQLite file, so an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from celery import worker as celery_worker
+from celery.worker import state as worker_state
+
+from . import claimer, maintenance
+from .app import app, configure
+from .queues import CONTROL_QUEUE, queue_for_model
+from .settings import MEMORY_BROKER, Settings
+from .states import TERMINAL_BATCH, BatchStatus
+from .submit import Client
+
+log = logging.getLogger(__name__)
+TICK_S = 0.2
+
+Progress = Callable[[dict[str, Any]], None]
+
+
+class EmbeddedWorker:
+    """A Celery WorkController (threads pool) consuming the model queues in this process."""
+
+    def __init__(self, queues: list[str], concurrency: int):
+        self.queues = queues
+        self.concurrency = concurrency
+        self._thread: threading.Thread | None = None
+        self._controller: Any = None
+
+    def start(self) -> None:
+        worker_state.should_terminate = None
+        worker_state.should_stop = None
+        self._controller = celery_worker.WorkController(
+            app=app,
+            pool="threads",
+            concurrency=self.concurrency,
+            queues=self.queues,
+            loglevel="WARNING",
+            without_heartbeat=True,
+            without_mingle=True,
+            without_gossip=True,
+            hostname="embedded@localhost",
+        )
+        self._thread = threading.Thread(
+            target=self._controller.start, name="fusillade-worker", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self, wait: bool = True, timeout: float = 30.0) -> None:
+        """Warm stop lets running messages finish (their results are written); a cold stop
+        leaves them ``processing`` in the file, and the next run takes them back."""
+        if self._thread is None:
+            return
+        if wait:
+            worker_state.should_stop = 0
+        else:
+            worker_state.should_terminate = 0
+        self._thread.join(timeout)
+        worker_state.should_stop = None
+        worker_state.should_terminate = None
+
+
+def embedded_settings(settings: Settings) -> Settings:
+    """The settings with the in-process broker (and nothing else changed)."""
+    return settings.replace(broker_url=MEMORY_BROKER)
+
+
+def queues_for(models: list[str], settings: Settings) -> list[str]:
+    names = set(models) | {settings.escalations[m].model for m in models if m in settings.escalations}
+    return [CONTROL_QUEUE] + sorted(queue_for_model(m) for m in names)
+
+
+def run_batch(
+    client: Client,
+    batch_id: str,
+    on_progress: Progress | None = None,
+    concurrency: int | None = None,
+) -> dict[str, Any]:
+    """Process ``batch_id`` to a terminal status in this process; returns the Batch object.
+
+    On the way in, rows left in flight by an earlier, interrupted run go back to pending: in
+    embedded mode this process is the only worker, so they are orphans by definition."""
+    settings = client.settings
+    configure(embedded_settings(settings))
+    app.conf.broker_transport_options = {"polling_interval": 0.005}
+    store = client.store
+    requeued = store.requeue_in_flight(batch_id)
+    if requeued:
+        log.info("resuming: %d requests of the interrupted run go back to pending", requeued)
+    row = store.get_batch_row(batch_id)
+    import json
+
+    models = json.loads(row["models"])
+    if concurrency is None:
+        concurrency = max(4, min(64, sum(settings.limit_for(m) for m in models)))
+    worker = EmbeddedWorker(queues_for(models, settings), concurrency)
+    worker.start()
+    from .tasks import publish_execute
+
+    last_reap = 0.0
+    try:
+        while True:
+            now = time.time()
+            if now - last_reap > 5.0:
+                maintenance.reap(store, settings, now)
+                last_reap = now
+            claimer.claim_all(store, settings, publish_execute)
+            maintenance.finalize(store, settings)
+            batch = client.get_batch(batch_id)
+            if on_progress is not None:
+                on_progress(batch)
+            if BatchStatus(batch["status"]) in TERMINAL_BATCH:
+                return batch
+            time.sleep(TICK_S)
+    except KeyboardInterrupt:
+        worker.stop(wait=False, timeout=2.0)
+        raise
+    finally:
+        worker.stop(wait=True)

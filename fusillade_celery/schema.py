@@ -1,0 +1,170 @@
+"""The declared schema (SQLAlchemy Core). Alembic migrations must produce exactly this.
+
+Times are epoch seconds (double precision) taken from the writer's clock: the arithmetic the
+engine needs (deadline minus now, backoff due times) is then the same on PostgreSQL and SQLite,
+and the OpenAI Batch object wants unix timestamps anyway.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    text,
+)
+
+from .states import IN_FLIGHT, RequestState
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+#: SQLite only auto-increments an INTEGER PRIMARY KEY; PostgreSQL gets a 64-bit identity.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+files = Table(
+    "files",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("name", String(512), nullable=False),
+    Column("purpose", String(32), nullable=False),  # batch | batch_output | batch_error
+    Column("bytes", BigInteger, nullable=False, server_default="0"),
+    Column("sha256", String(64)),
+    Column("batch_id", String(64)),  # for batch_output / batch_error files
+    Column("created_at", Float, nullable=False),
+    Column("expires_at", Float),
+    Column("deleted_at", Float),
+    Column("owner", String(256)),
+    Index("ix_files_sha256", "sha256"),
+)
+
+request_templates = Table(
+    "request_templates",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("file_id", String(64), ForeignKey("files.id"), nullable=False),
+    Column("line_number", Integer, nullable=False),
+    Column("custom_id", String(64), nullable=False),
+    Column("method", String(8), nullable=False),
+    Column("url", String(128), nullable=False),
+    Column("body", Text, nullable=False),
+    Column("model", String(256), nullable=False),
+    Column("body_bytes", Integer, nullable=False),
+    UniqueConstraint("file_id", "custom_id", name="uq_request_templates_file_custom_id"),
+    Index("ix_request_templates_file_line", "file_id", "line_number"),
+)
+
+_ACTIVE_BATCH = text(
+    "completed_at IS NULL AND failed_at IS NULL AND expired_at IS NULL "
+    "AND cancelled_at IS NULL AND deleted_at IS NULL"
+)
+
+batches = Table(
+    "batches",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("file_id", String(64), ForeignKey("files.id"), nullable=False),
+    Column("endpoint", String(128), nullable=False),
+    Column("completion_window", String(16), nullable=False),
+    Column("expires_at", Float, nullable=False),
+    Column("metadata", Text),  # JSON object
+    Column("owner", String(256)),
+    # Upstream chosen by the submit call (else the model's route in settings). The key is needed
+    # by workers on other machines, so it lives here; it never enters a message or a log line.
+    Column("upstream_url", String(2048)),
+    Column("upstream_api_key", Text),
+    Column("models", Text, nullable=False),  # JSON list: lets the claimer skip a DISTINCT scan
+    Column("output_file_id", String(64)),
+    Column("error_file_id", String(64)),
+    Column("total_requests", Integer, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("in_progress_at", Float),
+    Column("finalizing_at", Float),
+    Column("completed_at", Float),
+    Column("failed_at", Float),
+    Column("expired_at", Float),
+    Column("cancelling_at", Float),
+    Column("cancelled_at", Float),
+    Column("deleted_at", Float),
+    Column("errors", Text),  # JSON
+    Index(
+        "ix_batches_active",
+        "expires_at",
+        postgresql_where=_ACTIVE_BATCH,
+        sqlite_where=_ACTIVE_BATCH,
+    ),
+)
+
+_PENDING = text(f"state = '{RequestState.PENDING.value}'")
+_IN_FLIGHT = text("state IN (" + ", ".join(f"'{s.value}'" for s in sorted(IN_FLIGHT)) + ")")
+
+requests = Table(
+    "requests",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("batch_id", String(64), ForeignKey("batches.id"), nullable=False),
+    Column("template_id", BigInteger, ForeignKey("request_templates.id"), nullable=False),
+    Column("custom_id", String(64), nullable=False),
+    Column("model", String(256), nullable=False),
+    Column("routed_model", String(256)),
+    Column("state", String(16), nullable=False),
+    Column("attempt", Integer, nullable=False, server_default="0"),
+    Column("claim_token", String(32)),
+    Column("worker_id", String(256)),
+    Column("deadline", Float, nullable=False),  # the batch's expires_at, for the claim order
+    Column("not_before", Float),
+    Column("claimed_at", Float),
+    Column("started_at", Float),
+    Column("completed_at", Float),
+    Column("failed_at", Float),
+    Column("canceled_at", Float),
+    Column("response_status", Integer),
+    Column("response_body", Text),
+    Column("error", Text),  # JSON {"kind", "detail", "status"?}
+    # Claim: pending rows of one model, earliest deadline then line order.
+    Index(
+        "ix_requests_pending",
+        "model",
+        "deadline",
+        "id",
+        postgresql_where=_PENDING,
+        sqlite_where=_PENDING,
+    ),
+    # Capacity: in-flight rows per routed model (claimed + processing + retrying).
+    Index(
+        "ix_requests_in_flight",
+        "routed_model",
+        "state",
+        postgresql_where=_IN_FLIGHT,
+        sqlite_where=_IN_FLIGHT,
+    ),
+    # Counts, results streaming and finalize: everything of a batch by state, in line order.
+    Index("ix_requests_batch_state", "batch_id", "state", "id"),
+)
+
+workers = Table(
+    "workers",
+    metadata,
+    Column("id", String(256), primary_key=True),
+    Column("hostname", String(256), nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("queues", Text, nullable=False),
+    Column("started_at", Float, nullable=False),
+    Column("last_heartbeat", Float, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("counters", Text),
+)

@@ -1,0 +1,610 @@
+"""All SQL of the engine, one method per statement group, named for what it does.
+
+Tasks, the CLI and the submit helper call these methods and never hold a cursor. Every write
+that belongs to an execution is fenced: ``WHERE id = :id AND claim_token = :token AND state =
+:expected``, so a stale, duplicate or late message changes nothing (DESIGN.md invariant 2).
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+import zlib
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import (
+    Connection,
+    Engine,
+    and_,
+    bindparam,
+    exists,
+    func,
+    insert,
+    literal,
+    or_,
+    select,
+    text,
+    update,
+)
+
+from . import schema as t
+from .states import IN_FLIGHT, NOT_TERMINAL, TERMINAL, ErrorKind, RequestState
+
+S = RequestState
+_IN_FLIGHT = sorted(s.value for s in IN_FLIGHT)
+_NOT_TERMINAL = sorted(s.value for s in NOT_TERMINAL)
+_ACTIVE_BATCH = and_(
+    t.batches.c.completed_at.is_(None),
+    t.batches.c.failed_at.is_(None),
+    t.batches.c.expired_at.is_(None),
+    t.batches.c.cancelled_at.is_(None),
+    t.batches.c.deleted_at.is_(None),
+)
+#: Batch columns that may be sent upstream as ``x-fusillade-batch-<column>`` headers.
+HEADER_COLUMNS = ("id", "endpoint", "completion_window", "created_at", "expires_at", "owner")
+
+
+class NotFound(LookupError):
+    """The batch or file does not exist (or was deleted)."""
+
+
+@dataclass(frozen=True)
+class Claimed:
+    id: int
+    batch_id: str
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    """Everything one upstream attempt needs, loaded when the request starts processing."""
+
+    id: int
+    custom_id: str
+    batch_id: str
+    model: str
+    routed_model: str
+    attempt: int
+    deadline: float
+    url: str
+    body: str
+    upstream_url: str | None
+    api_key: str | None
+    batch_fields: dict[str, Any]
+
+    def __repr__(self) -> str:  # the key and the body never reach a log through repr
+        return f"WorkItem(id={self.id}, custom_id={self.custom_id!r}, attempt={self.attempt})"
+
+
+@dataclass(frozen=True)
+class Finish:
+    """The write-back of one attempt: a terminal state, or ``retrying`` with its due time."""
+
+    id: int
+    state: RequestState
+    status: int | None = None
+    body: str | None = None
+    error: dict[str, Any] | None = None
+    not_before: float | None = None
+
+
+def new_token() -> str:
+    return uuid.uuid4().hex
+
+
+def _lock_key(name: str) -> int:
+    """A stable signed 64-bit advisory-lock key for a model name."""
+    return zlib.crc32(b"fusillade-claim:" + name.encode()) - 2**31
+
+
+class Store:
+    """The state of record, behind one interface. Works on PostgreSQL and on SQLite."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.is_postgres = engine.dialect.name == "postgresql"
+
+    @contextmanager
+    def _tx(self) -> Iterator[Connection]:
+        with self.engine.begin() as conn:
+            yield conn
+
+    # ------------------------------------------------------------------ submit
+
+    def submit(
+        self,
+        file_row: dict[str, Any],
+        template_chunks: Iterable[list[dict[str, Any]]],
+        make_batch: Any,
+    ) -> str:
+        """Insert the file, its templates, the batch and one request per line, in one
+        transaction. ``template_chunks`` validates as it is consumed: an error raised there
+        rolls everything back, so a refused file leaves no rows (invariant 7).
+        ``make_batch()`` returns (batch row, file columns to update) once the whole file has
+        been read (count, models, size and hash are known only then)."""
+        with self._tx() as conn:
+            conn.execute(insert(t.files), [file_row])
+            stmt = insert(t.request_templates)
+            for chunk in template_chunks:
+                if chunk:
+                    conn.execute(stmt, chunk)
+            batch, file_update = make_batch()
+            conn.execute(
+                update(t.files).where(t.files.c.id == file_row["id"]).values(**file_update)
+            )
+            conn.execute(insert(t.batches), [batch])
+            rt = t.request_templates
+            conn.execute(
+                insert(t.requests).from_select(
+                    ["batch_id", "template_id", "custom_id", "model", "state", "deadline"],
+                    select(
+                        literal(batch["id"]),
+                        rt.c.id,
+                        rt.c.custom_id,
+                        rt.c.model,
+                        literal(S.PENDING.value),
+                        literal(batch["expires_at"]),
+                    )
+                    .where(rt.c.file_id == file_row["id"])
+                    .order_by(rt.c.line_number),
+                )
+            )
+            return str(batch["id"])
+
+    # ------------------------------------------------------------------ claim
+
+    def active_models(self) -> set[str]:
+        """Models of batches that are still running: the claimer's work list."""
+        with self._tx() as conn:
+            rows = conn.execute(select(t.batches.c.models).where(_ACTIVE_BATCH)).scalars()
+            return {m for raw in rows for m in json.loads(raw)}
+
+    def claim(
+        self,
+        model: str,
+        routed_model: str,
+        limit: int,
+        batch_size: int,
+        now: float,
+        deadline_before: float | None = None,
+    ) -> tuple[str, list[Claimed]]:
+        """Claim up to ``min(batch_size, limit - in_flight(routed_model))`` pending rows of
+        ``model``, earliest deadline then line order, in one statement. Returns the fresh claim
+        token stamped on them (one per claim statement) and the rows. Serialized per routed
+        model by an advisory lock on PostgreSQL, so two claimers cannot overshoot the limit."""
+        token = new_token()
+        r = t.requests
+        with self._tx() as conn:
+            if self.is_postgres:
+                got = conn.execute(
+                    select(func.pg_try_advisory_xact_lock(_lock_key(routed_model)))
+                ).scalar()
+                if not got:
+                    return token, []
+            in_flight = conn.execute(
+                select(func.count())
+                .select_from(r)
+                .where(r.c.routed_model == routed_model, r.c.state.in_(_IN_FLIGHT))
+            ).scalar_one()
+            n = min(batch_size, limit - in_flight)
+            if n <= 0:
+                return token, []
+            pick = select(r.c.id).where(
+                r.c.model == model,
+                r.c.state == S.PENDING.value,
+                or_(r.c.not_before.is_(None), r.c.not_before <= now),
+            )
+            if deadline_before is not None:
+                pick = pick.where(r.c.deadline < deadline_before)
+            pick = pick.order_by(r.c.deadline, r.c.id).limit(n).with_for_update(skip_locked=True)
+            rows = conn.execute(
+                update(r)
+                .where(r.c.id.in_(pick.scalar_subquery()))
+                .values(
+                    state=S.CLAIMED.value,
+                    claim_token=token,
+                    claimed_at=now,
+                    routed_model=routed_model,
+                    worker_id=None,
+                )
+                .returning(r.c.id, r.c.batch_id)
+            ).all()
+            claimed = sorted((Claimed(i, b) for i, b in rows), key=lambda c: c.id)
+            batch_ids = {c.batch_id for c in claimed}
+            if batch_ids:
+                conn.execute(
+                    update(t.batches)
+                    .where(t.batches.c.id.in_(batch_ids), t.batches.c.in_progress_at.is_(None))
+                    .values(in_progress_at=now)
+                )
+            return token, claimed
+
+    def in_flight(self, routed_model: str) -> int:
+        r = t.requests
+        with self._tx() as conn:
+            return int(
+                conn.execute(
+                    select(func.count())
+                    .select_from(r)
+                    .where(r.c.routed_model == routed_model, r.c.state.in_(_IN_FLIGHT))
+                ).scalar_one()
+            )
+
+    # ------------------------------------------------------------------ execute
+
+    def start(
+        self, ids: Sequence[int], token: str, worker_id: str, now: float
+    ) -> list[WorkItem]:
+        """claimed|retrying -> processing for the rows still holding ``token``; returns what
+        the attempts need. Rows not returned were reclaimed, cancelled or already done."""
+        r, rt, b = t.requests, t.request_templates, t.batches
+        with self._tx() as conn:
+            started = conn.execute(
+                update(r)
+                .where(
+                    r.c.id.in_(list(ids)),
+                    r.c.claim_token == token,
+                    r.c.state.in_([S.CLAIMED.value, S.RETRYING.value]),
+                )
+                .values(state=S.PROCESSING.value, started_at=now, worker_id=worker_id)
+                .returning(r.c.id)
+            ).scalars().all()
+            if not started:
+                return []
+            rows = conn.execute(
+                select(
+                    r.c.id,
+                    r.c.custom_id,
+                    r.c.batch_id,
+                    r.c.model,
+                    r.c.routed_model,
+                    r.c.attempt,
+                    r.c.deadline,
+                    rt.c.url,
+                    rt.c.body,
+                    b.c.upstream_url,
+                    b.c.upstream_api_key,
+                    *[b.c[c].label("b_" + c) for c in HEADER_COLUMNS],
+                )
+                .join(rt, rt.c.id == r.c.template_id)
+                .join(b, b.c.id == r.c.batch_id)
+                .where(r.c.id.in_(started))
+                .order_by(r.c.id)
+            ).mappings()
+            return [
+                WorkItem(
+                    id=m["id"],
+                    custom_id=m["custom_id"],
+                    batch_id=m["batch_id"],
+                    model=m["model"],
+                    routed_model=m["routed_model"] or m["model"],
+                    attempt=m["attempt"],
+                    deadline=m["deadline"],
+                    url=m["url"],
+                    body=m["body"],
+                    upstream_url=m["upstream_url"],
+                    api_key=m["upstream_api_key"],
+                    batch_fields={c: m["b_" + c] for c in HEADER_COLUMNS},
+                )
+                for m in rows
+            ]
+
+    def finish(self, results: Sequence[Finish], token: str, now: float) -> int:
+        """Write back attempts, fenced on (id, token, state=processing); batched per target
+        state. Returns how many rows changed (less than ``len(results)`` when some were stale)."""
+        r = t.requests
+        fence = and_(
+            r.c.id == bindparam("b_id"),
+            r.c.claim_token == token,
+            r.c.state == S.PROCESSING.value,
+        )
+        changed = 0
+        groups: dict[RequestState, list[dict[str, Any]]] = {}
+        for f in results:
+            groups.setdefault(f.state, []).append(
+                {
+                    "b_id": f.id,
+                    "b_status": f.status,
+                    "b_body": f.body,
+                    "b_error": json.dumps(f.error) if f.error else None,
+                    "b_not_before": f.not_before,
+                }
+            )
+        with self._tx() as conn:
+            for state, params in groups.items():
+                values: dict[str, Any] = {
+                    "state": state.value,
+                    "response_status": bindparam("b_status"),
+                    "response_body": bindparam("b_body"),
+                    "error": bindparam("b_error"),
+                }
+                if state is S.COMPLETED:
+                    values["completed_at"] = now
+                elif state is S.FAILED:
+                    values["failed_at"] = now
+                elif state is S.RETRYING:
+                    values["attempt"] = r.c.attempt + 1
+                    values["not_before"] = bindparam("b_not_before")
+                else:
+                    raise ValueError(f"finish cannot move a request to {state}")
+                res = conn.execute(update(r).where(fence).values(**values), params)
+                changed += max(res.rowcount, 0)
+        return changed
+
+    # ------------------------------------------------------------------ batches
+
+    def get_batch_row(self, batch_id: str) -> dict[str, Any]:
+        with self._tx() as conn:
+            row = conn.execute(
+                select(t.batches).where(
+                    t.batches.c.id == batch_id, t.batches.c.deleted_at.is_(None)
+                )
+            ).mappings().first()
+        if row is None:
+            raise NotFound(f"no batch {batch_id!r}")
+        return dict(row)
+
+    def request_counts(self, batch_id: str) -> dict[str, int]:
+        """Requests of the batch per state (every state present, zero when none)."""
+        r = t.requests
+        with self._tx() as conn:
+            rows = conn.execute(
+                select(r.c.state, func.count())
+                .where(r.c.batch_id == batch_id)
+                .group_by(r.c.state)
+            ).all()
+        counts = {s.value: 0 for s in S}
+        counts.update({state: n for state, n in rows})
+        return counts
+
+    def list_batches(self, limit: int = 100) -> list[dict[str, Any]]:
+        with self._tx() as conn:
+            rows = conn.execute(
+                select(t.batches)
+                .where(t.batches.c.deleted_at.is_(None))
+                .order_by(t.batches.c.created_at.desc())
+                .limit(limit)
+            ).mappings()
+            return [dict(m) for m in rows]
+
+    def find_resumable_batch(self, sha256: str, upstream_url: str | None) -> str | None:
+        """The newest batch made from a file with this content hash (embedded resume)."""
+        b, f = t.batches, t.files
+        with self._tx() as conn:
+            return conn.execute(
+                select(b.c.id)
+                .join(f, f.c.id == b.c.file_id)
+                .where(
+                    f.c.sha256 == sha256,
+                    f.c.deleted_at.is_(None),
+                    b.c.deleted_at.is_(None),
+                    b.c.cancelled_at.is_(None),
+                    b.c.upstream_url.is_(None)
+                    if upstream_url is None
+                    else b.c.upstream_url == upstream_url,
+                )
+                .order_by(b.c.created_at.desc())
+                .limit(1)
+            ).scalar()
+
+    def cancel_batch(self, batch_id: str, now: float) -> None:
+        """Mark the batch cancelling and every unfinished request canceled, in one
+        transaction: pending rows are never claimed, queued messages find their row canceled
+        and do nothing, and a late result of an in-flight call fails its fence."""
+        r, b = t.requests, t.batches
+        with self._tx() as conn:
+            row = conn.execute(
+                select(b.c.id, b.c.cancelling_at).where(b.c.id == batch_id, b.c.deleted_at.is_(None))
+            ).first()
+            if row is None:
+                raise NotFound(f"no batch {batch_id!r}")
+            conn.execute(
+                update(b)
+                .where(b.c.id == batch_id, _ACTIVE_BATCH, b.c.cancelling_at.is_(None))
+                .values(cancelling_at=now)
+            )
+            conn.execute(
+                update(r)
+                .where(r.c.batch_id == batch_id, r.c.state.in_(_NOT_TERMINAL))
+                .values(
+                    state=S.CANCELED.value,
+                    canceled_at=now,
+                    error=json.dumps(
+                        {"kind": ErrorKind.BATCH_CANCELLED.value, "detail": "batch cancelled"}
+                    ),
+                )
+            )
+
+    def iter_result_rows(
+        self, batch_id: str, states: Sequence[RequestState], chunk: int = 2000
+    ) -> Iterator[dict[str, Any]]:
+        """Finished requests of a batch in line order, read in keyset pages so a reader never
+        holds a transaction (or the whole result set) open while it streams."""
+        r = t.requests
+        after = -1
+        wanted = [s.value for s in states]
+        while True:
+            with self._tx() as conn:
+                page = conn.execute(
+                    select(
+                        r.c.id,
+                        r.c.custom_id,
+                        r.c.state,
+                        r.c.response_status,
+                        r.c.response_body,
+                        r.c.error,
+                    )
+                    .where(r.c.batch_id == batch_id, r.c.state.in_(wanted), r.c.id > after)
+                    .order_by(r.c.id)
+                    .limit(chunk)
+                ).mappings().all()
+            if not page:
+                return
+            for m in page:
+                yield dict(m)
+            after = page[-1]["id"]
+
+    def get_file_row(self, file_id: str) -> dict[str, Any]:
+        with self._tx() as conn:
+            row = conn.execute(
+                select(t.files).where(t.files.c.id == file_id, t.files.c.deleted_at.is_(None))
+            ).mappings().first()
+        if row is None:
+            raise NotFound(f"no file {file_id!r}")
+        return dict(row)
+
+    def iter_template_rows(self, file_id: str, chunk: int = 2000) -> Iterator[dict[str, Any]]:
+        rt = t.request_templates
+        after = -1
+        while True:
+            with self._tx() as conn:
+                page = conn.execute(
+                    select(rt.c.line_number, rt.c.custom_id, rt.c.method, rt.c.url, rt.c.body)
+                    .where(rt.c.file_id == file_id, rt.c.line_number > after)
+                    .order_by(rt.c.line_number)
+                    .limit(chunk)
+                ).mappings().all()
+            if not page:
+                return
+            yield from (dict(m) for m in page)
+            after = page[-1]["line_number"]
+
+    # ------------------------------------------------------------------ maintenance
+
+    def expire_batches(self, now: float, grace_s: float) -> list[str]:
+        """Batches past ``expires_at + grace_s``: unfinished requests fail ``batch_expired``
+        (finished results are kept) and the batch reads ``expired``."""
+        r, b = t.requests, t.batches
+        expired: list[str] = []
+        error = json.dumps(
+            {"kind": ErrorKind.BATCH_EXPIRED.value, "detail": "batch expired before completion"}
+        )
+        with self._tx() as conn:
+            ids = conn.execute(
+                select(b.c.id).where(
+                    _ACTIVE_BATCH, b.c.cancelling_at.is_(None), b.c.expires_at + grace_s <= now
+                )
+            ).scalars().all()
+            for batch_id in ids:
+                conn.execute(
+                    update(r)
+                    .where(r.c.batch_id == batch_id, r.c.state.in_(_NOT_TERMINAL))
+                    .values(state=S.FAILED.value, failed_at=now, error=error)
+                )
+                self._attach_result_files(conn, batch_id, now)
+                conn.execute(
+                    update(b)
+                    .where(b.c.id == batch_id)
+                    .values(finalizing_at=func.coalesce(b.c.finalizing_at, now), expired_at=now)
+                )
+                expired.append(batch_id)
+        return expired
+
+    def finalize_batches(self, now: float) -> list[str]:
+        """Active batches whose requests are all terminal get their closing timestamps:
+        finalizing, then completed / failed (nothing completed) / cancelled."""
+        r, b = t.requests, t.batches
+        unfinished = exists().where(r.c.batch_id == b.c.id, r.c.state.in_(_NOT_TERMINAL))
+        done: list[str] = []
+        with self._tx() as conn:
+            rows = conn.execute(
+                select(b.c.id, b.c.cancelling_at, b.c.total_requests).where(
+                    _ACTIVE_BATCH, ~unfinished
+                )
+            ).all()
+            for batch_id, cancelling_at, total in rows:
+                completed = conn.execute(
+                    select(func.count()).where(
+                        r.c.batch_id == batch_id, r.c.state == S.COMPLETED.value
+                    )
+                ).scalar_one()
+                self._attach_result_files(conn, batch_id, now)
+                values: dict[str, Any] = {"finalizing_at": func.coalesce(b.c.finalizing_at, now)}
+                if cancelling_at is not None:
+                    values["cancelled_at"] = now
+                elif completed == 0 and total > 0:
+                    values["failed_at"] = now
+                    values["errors"] = json.dumps(
+                        {"data": [{"code": "all_requests_failed", "message": "no request succeeded"}]}
+                    )
+                else:
+                    values["completed_at"] = now
+                conn.execute(update(b).where(b.c.id == batch_id).values(**values))
+                done.append(batch_id)
+        return done
+
+    def _attach_result_files(self, conn: Connection, batch_id: str, now: float) -> None:
+        """Create the output and error file records of a finished batch. Their contents are
+        rendered from the requests when read, so nothing is copied."""
+        b, f = t.batches, t.files
+        row = conn.execute(
+            select(b.c.output_file_id, b.c.error_file_id).where(b.c.id == batch_id)
+        ).one()
+        values = {}
+        for column, purpose in (("output_file_id", "batch_output"), ("error_file_id", "batch_error")):
+            if row._mapping[column] is None:
+                file_id = "file-" + uuid.uuid4().hex
+                conn.execute(
+                    insert(f).values(
+                        id=file_id,
+                        name=f"{batch_id}_{purpose.split('_')[1]}.jsonl",
+                        purpose=purpose,
+                        bytes=0,
+                        batch_id=batch_id,
+                        created_at=now,
+                    )
+                )
+                values[column] = file_id
+        if values:
+            conn.execute(update(b).where(b.c.id == batch_id).values(**values))
+
+    def reap(self, now: float, claim_timeout_s: float, processing_timeout_s: float) -> int:
+        """Orphaned claims back to pending (attempt kept, token cleared so the next claim
+        stamps a new one): claimed past the claim timeout, processing past the processing
+        timeout, retrying overdue by the claim timeout."""
+        r = t.requests
+        orphaned = or_(
+            and_(r.c.state == S.CLAIMED.value, r.c.claimed_at < now - claim_timeout_s),
+            and_(r.c.state == S.PROCESSING.value, r.c.started_at < now - processing_timeout_s),
+            and_(r.c.state == S.RETRYING.value, r.c.not_before < now - claim_timeout_s),
+        )
+        with self._tx() as conn:
+            res = conn.execute(
+                update(r)
+                .where(r.c.state.in_(_IN_FLIGHT), orphaned)
+                .values(state=S.PENDING.value, claim_token=None, worker_id=None)
+            )
+            return max(res.rowcount, 0)
+
+    def requeue_in_flight(self, batch_id: str) -> int:
+        """Embedded resume: the previous process is gone, so its claims are orphans now."""
+        r = t.requests
+        with self._tx() as conn:
+            res = conn.execute(
+                update(r)
+                .where(r.c.batch_id == batch_id, r.c.state.in_(_IN_FLIGHT))
+                .values(state=S.PENDING.value, claim_token=None, worker_id=None, not_before=None)
+            )
+            return max(res.rowcount, 0)
+
+    # ------------------------------------------------------------------ introspection
+
+    def request_rows(self, batch_id: str) -> list[dict[str, Any]]:
+        """Every request of a batch with its state (tests and debugging; not for big batches)."""
+        r = t.requests
+        with self._tx() as conn:
+            return [
+                dict(m)
+                for m in conn.execute(
+                    select(r).where(r.c.batch_id == batch_id).order_by(r.c.id)
+                ).mappings()
+            ]
+
+    def ping(self) -> None:
+        with self._tx() as conn:
+            conn.execute(text("SELECT 1"))
+
+
+__all__ = ["Claimed", "Finish", "NotFound", "Store", "TERMINAL", "WorkItem", "new_token"]

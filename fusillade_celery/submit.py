@@ -1,0 +1,298 @@
+"""The submit helper: how any app enqueues batches and reads them back.
+
+``submit_batch`` validates the whole file while inserting it in one transaction, so a refused
+file leaves nothing behind; then it nudges the claimer so the first upstream call does not wait
+for the next beat tick.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from .db import get_engine
+from .migrate import ensure_schema
+from .output import batch_object, result_line
+from .settings import Settings, parse_duration_s
+from .states import RequestState
+from .store import NotFound, Store
+from .validation import ByteLines, InputError, Limits, ParsedLine, Source, parse_lines
+
+log = logging.getLogger(__name__)
+CHUNK = 5000
+MAX_METADATA_PAIRS = 16
+
+
+class _Hashing:
+    """Passes a byte-line stream through while counting and hashing it (resume key)."""
+
+    def __init__(self, lines: Any):
+        self._lines = lines
+        self.sha256 = hashlib.sha256()
+        self.bytes = 0
+
+    def __iter__(self) -> Iterator[bytes]:
+        for line in self._lines:
+            if isinstance(line, str):
+                line = line.encode("utf-8", "surrogateescape")
+            self.sha256.update(line)
+            self.bytes += len(line)
+            yield line
+
+
+def _check_metadata(metadata: dict[str, Any] | None) -> dict[str, str] | None:
+    if metadata is None:
+        return None
+    if not isinstance(metadata, dict) or len(metadata) > MAX_METADATA_PAIRS:
+        raise InputError(f"must be an object of at most {MAX_METADATA_PAIRS} pairs", field="metadata")
+    for key, value in metadata.items():
+        if not isinstance(key, str) or len(key) > 64 or not isinstance(value, str) or len(value) > 512:
+            raise InputError(
+                "keys are strings of at most 64 characters, values strings of at most 512",
+                field="metadata",
+            )
+    return dict(metadata)
+
+
+class Client:
+    """Submit and read batches against one database, with explicit settings."""
+
+    def __init__(self, settings: Settings, notify: bool = True):
+        self.settings = settings
+        self.store = Store(get_engine(settings.database_url, settings.db_pool_size))
+        self.notify = notify and not settings.embedded
+        ensure_schema(self.store.engine)
+
+    # ------------------------------------------------------------------ submit
+
+    def submit_batch(
+        self,
+        source: Source,
+        *,
+        endpoint: str | None = None,
+        completion_window: str = "24h",
+        metadata: dict[str, str] | None = None,
+        upstream: str | None = None,
+        api_key: str | None = None,
+        owner: str | None = None,
+    ) -> str:
+        """Validate and store ``source`` as a batch; return its id (``batch_...``).
+
+        ``source`` is a path, a binary or text file object, or an iterable of dict lines.
+        ``upstream``/``api_key`` override the model routes of the settings for this batch."""
+        try:
+            window_s = parse_duration_s(completion_window)
+        except ValueError as exc:
+            raise InputError(str(exc), field="completion_window") from None
+        meta = _check_metadata(metadata)
+        if upstream is not None and not upstream.startswith(("http://", "https://")):
+            raise InputError(f"must be an http(s) URL, got {upstream!r}", field="upstream")
+        limits = Limits(self.settings.max_line_bytes, self.settings.max_file_bytes)
+        name, stream, hasher = _open(source)
+        now = time.time()
+        file_id = "file-" + uuid.uuid4().hex
+        batch_id = "batch_" + uuid.uuid4().hex
+        models: dict[str, int] = {}
+        state: dict[str, Any] = {"count": 0, "url": endpoint}
+
+        def chunks() -> Iterator[list[dict[str, Any]]]:
+            chunk: list[dict[str, Any]] = []
+            for line in parse_lines(stream, limits, endpoint):
+                self._check_model(line, models, upstream)
+                state["count"] += 1
+                state["url"] = line.url
+                chunk.append(_template(file_id, line))
+                if len(chunk) >= CHUNK:
+                    yield chunk
+                    chunk = []
+            yield chunk
+
+        def make_batch() -> tuple[dict[str, Any], dict[str, Any]]:
+            batch = {
+                "id": batch_id,
+                "file_id": file_id,
+                "endpoint": state["url"],
+                "completion_window": completion_window,
+                "expires_at": now + window_s,
+                "metadata": json.dumps(meta) if meta is not None else None,
+                "owner": owner,
+                "upstream_url": upstream.rstrip("/") if upstream else None,
+                "upstream_api_key": api_key,
+                "models": json.dumps(sorted(models)),
+                "total_requests": state["count"],
+                "created_at": now,
+            }
+            file_update = {"bytes": hasher.bytes if hasher else 0}
+            if hasher is not None:
+                file_update["sha256"] = hasher.sha256.hexdigest()
+            return batch, file_update
+
+        file_row = {
+            "id": file_id,
+            "name": name,
+            "purpose": "batch",
+            "created_at": now,
+            "owner": owner,
+        }
+        self.store.submit(file_row, chunks(), make_batch)
+        log.info("batch %s submitted: %d requests, models %s", batch_id, state["count"], sorted(models))
+        if self.notify:
+            self._nudge_claimer()
+        return batch_id
+
+    def _check_model(self, line: ParsedLine, models: dict[str, int], upstream: str | None) -> None:
+        if line.model in models:
+            return
+        models[line.model] = line.line_number
+        if upstream is None and self.settings.route_for(line.model) is None:
+            raise InputError(
+                f"unknown model {line.model!r}: no route for it and no default upstream "
+                "(set FUSILLADE_UPSTREAM_URL or FUSILLADE_ROUTES, or pass an upstream)",
+                line=line.line_number,
+                field="body.model",
+            )
+
+    def _nudge_claimer(self) -> None:
+        from .queues import CONTROL_QUEUE
+        from .tasks import claim
+
+        try:
+            claim.apply_async(queue=CONTROL_QUEUE, expires=60, retry=False)
+        except Exception as exc:  # the beat tick will claim; the batch is stored already
+            log.warning("could not nudge the claimer (%s); beat will pick the batch up", exc)
+
+    # ------------------------------------------------------------------ read
+
+    def get_batch(self, batch_id: str) -> dict[str, Any]:
+        """The OpenAI Batch object, with live ``request_counts``."""
+        row = self.store.get_batch_row(batch_id)
+        return batch_object(row, self.store.request_counts(batch_id))
+
+    def list_batches(self, limit: int = 20) -> list[dict[str, Any]]:
+        return [
+            batch_object(row, self.store.request_counts(row["id"]))
+            for row in self.store.list_batches(limit)
+        ]
+
+    def iter_results(self, batch_id: str, errors: bool = False) -> Iterator[dict[str, Any]]:
+        """OpenAI output lines (or error lines), in input order, streamed; usable while the
+        batch runs (partial results) and after expiry or cancel."""
+        self.store.get_batch_row(batch_id)  # NotFound for unknown or deleted batches
+        states = (
+            [RequestState.FAILED, RequestState.CANCELED] if errors else [RequestState.COMPLETED]
+        )
+        for row in self.store.iter_result_rows(batch_id, states):
+            yield result_line(row)
+
+    def iter_file(self, file_id: str) -> Iterator[dict[str, Any]]:
+        """The lines of a file: the input as stored, or a batch's output / error file."""
+        row = self.store.get_file_row(file_id)
+        if row["purpose"] == "batch":
+            for t in self.store.iter_template_rows(file_id):
+                yield {
+                    "custom_id": t["custom_id"],
+                    "method": t["method"],
+                    "url": t["url"],
+                    "body": json.loads(t["body"]),
+                }
+            return
+        yield from self.iter_results(row["batch_id"], errors=row["purpose"] == "batch_error")
+
+    def cancel_batch(self, batch_id: str) -> dict[str, Any]:
+        """Stop the batch: nothing new starts; unfinished requests end ``canceled``; finished
+        results stay readable. Returns the Batch object (``cancelling``, then ``cancelled``)."""
+        self.store.cancel_batch(batch_id, time.time())
+        return self.get_batch(batch_id)
+
+
+def _template(file_id: str, line: ParsedLine) -> dict[str, Any]:
+    return {
+        "file_id": file_id,
+        "line_number": line.line_number,
+        "custom_id": line.custom_id,
+        "method": line.method,
+        "url": line.url,
+        "body": line.body,
+        "model": line.model,
+        "body_bytes": line.body_bytes,
+    }
+
+
+def _open(source: Source) -> tuple[str, Any, _Hashing | None]:
+    """(file name, stream for the parser, hasher or None for dict iterables)."""
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if not path.is_file():
+            raise InputError(f"no such file: {path}")
+        hasher = _Hashing(_Lines(path))
+        return path.name, ByteLines(hasher), hasher
+    if hasattr(source, "read"):
+        hasher = _Hashing(source)
+        name = os.path.basename(str(getattr(source, "name", "") or "upload.jsonl"))
+        return name, ByteLines(hasher), hasher
+    return "lines.jsonl", source, None
+
+
+class _Lines:
+    """Reopens the path on iteration so the file is closed when parsing ends."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __iter__(self) -> Iterator[bytes]:
+        with self.path.open("rb") as fh:
+            yield from fh
+
+
+_default: dict[str, Client] = {}
+
+
+def default_client() -> Client:
+    """A client on the app's settings (env vars), created on first use."""
+    from .app import get_settings
+
+    settings = get_settings()
+    client = _default.get("client")
+    if client is None or client.settings is not settings:
+        client = Client(settings)
+        _default["client"] = client
+    return client
+
+
+def submit_batch(source: Source, **kwargs: Any) -> str:
+    return default_client().submit_batch(source, **kwargs)
+
+
+def get_batch(batch_id: str) -> dict[str, Any]:
+    return default_client().get_batch(batch_id)
+
+
+def iter_results(batch_id: str, errors: bool = False) -> Iterator[dict[str, Any]]:
+    return default_client().iter_results(batch_id, errors=errors)
+
+
+def cancel_batch(batch_id: str) -> dict[str, Any]:
+    return default_client().cancel_batch(batch_id)
+
+
+def iter_file(file_id: str) -> Iterator[dict[str, Any]]:
+    return default_client().iter_file(file_id)
+
+
+__all__ = [
+    "Client",
+    "InputError",
+    "NotFound",
+    "cancel_batch",
+    "get_batch",
+    "iter_file",
+    "iter_results",
+    "submit_batch",
+]

@@ -1,0 +1,105 @@
+"""Celery tasks: delivery semantics, retries and publishing; the logic is elsewhere.
+
+Messages carry ids and a claim token only, never a body or a key (invariant 8), so what Flower
+and the broker show is safe to show.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections.abc import Sequence
+from typing import Any
+
+from celery import Task
+
+from . import claimer, execute, maintenance, upstream
+from .app import app, get_settings, get_store
+from .queues import queue_for_model
+
+log = logging.getLogger(__name__)
+
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def publish_execute(routed_model: str, token: str, ids: Sequence[int]) -> None:
+    """Split a claim into messages of ``requests_per_message`` and publish them over one
+    producer (one broker connection) to ``model.<routed_model>``."""
+    settings = get_settings()
+    queue = queue_for_model(routed_model)
+    with app.producer_or_acquire() as producer:
+        for chunk in claimer.chunked(ids, settings.requests_per_message):
+            execute_requests.apply_async(
+                args=(routed_model, token, chunk), queue=queue, producer=producer
+            )
+
+
+@app.task(
+    name="fusillade.execute",
+    bind=True,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    max_retries=None,
+    ignore_result=True,
+)
+def execute_requests(self: Task, routed_model: str, token: str, ids: list[int]) -> dict[str, Any]:
+    """Run the requests of one message. Retries go out as countdown messages (one per
+    distinct delay) on the same model queue with the same claim token."""
+    settings = get_settings()
+    store = get_store()
+
+    def schedule_retry(retry_ids: list[int], delay: float) -> None:
+        # A countdown message on the same queue, same token, same task id (Flower shows one
+        # task retried). Not ``self.retry``: in Celery 5.7 its re-published message was never
+        # delivered in our tests, while the equivalent apply_async with countdown is.
+        execute_requests.apply_async(
+            args=(routed_model, token, retry_ids),
+            countdown=delay,
+            queue=queue_for_model(routed_model),
+            task_id=self.request.id,
+            retries=(self.request.retries or 0) + 1,
+        )
+
+    report = execute.execute(
+        store,
+        settings,
+        upstream.get_session(),
+        token,
+        ids,
+        worker_id(),
+        schedule_retry,
+    )
+    if report.started:
+        # Slots were freed (or will be by the retries' own completion): refill at once
+        # rather than waiting for the next beat tick.
+        for model in report.models:
+            claimer.claim_model(store, settings, publish_execute, model)
+    return {
+        "started": report.started,
+        "completed": report.completed,
+        "failed": report.failed,
+        "retrying": report.retrying,
+        "stale": report.stale,
+    }
+
+
+@app.task(name="fusillade.claim", ignore_result=True, acks_late=True)
+def claim(model: str | None = None) -> dict[str, int]:
+    settings, store = get_settings(), get_store()
+    if model is not None:
+        return {model: claimer.claim_model(store, settings, publish_execute, model)}
+    return claimer.claim_all(store, settings, publish_execute)
+
+
+@app.task(name="fusillade.finalize", ignore_result=True)
+def finalize() -> dict[str, list[str]]:
+    return maintenance.finalize(get_store(), get_settings())
+
+
+@app.task(name="fusillade.reap", ignore_result=True)
+def reap() -> int:
+    return maintenance.reap(get_store(), get_settings())

@@ -1,0 +1,154 @@
+"""One upstream attempt: build the HTTP request, send it, classify what came back.
+
+The session is per process and pooled to the worker's concurrency, so connections to the
+upstream are reused across tasks (keep-alive) instead of a TCP handshake per request.
+"""
+
+from __future__ import annotations
+
+import threading
+import urllib.parse
+from dataclasses import dataclass
+from typing import Any
+
+import requests
+from requests.adapters import HTTPAdapter
+
+from .settings import Settings
+from .states import ErrorKind
+from .store import WorkItem
+
+_local = threading.local()
+_session_lock = threading.Lock()
+_shared: dict[int, requests.Session] = {}
+MAX_ERROR_BODY = 4096
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one attempt produced. ``kind`` is None on success."""
+
+    kind: ErrorKind | None
+    status: int | None = None
+    body: str | None = None
+    detail: str = ""
+    request_id: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.kind is None
+
+    def error(self) -> dict[str, Any]:
+        err: dict[str, Any] = {"kind": self.kind.value if self.kind else None, "detail": self.detail}
+        if self.status is not None:
+            err["status"] = self.status
+        return err
+
+
+def get_session(pool_size: int = 64) -> requests.Session:
+    """The process's shared session (requests.Session is safe for concurrent sends of
+    independent requests; its adapter pool is what bounds connections per host)."""
+    import os
+
+    pid = os.getpid()
+    session = _shared.get(pid)
+    if session is None:
+        with _session_lock:
+            session = _shared.get(pid)
+            if session is None:
+                session = requests.Session()
+                adapter = HTTPAdapter(pool_connections=16, pool_maxsize=pool_size, max_retries=0)
+                session.mount("http://", adapter)
+                session.mount("https://", adapter)
+                session.trust_env = False
+                _shared[pid] = session
+    return session
+
+
+def header_value(value: Any) -> str:
+    """Header-safe text: non-ASCII is percent-encoded rather than failing the request."""
+    text = str(value)
+    if text.isascii() and text.isprintable():
+        return text
+    return urllib.parse.quote(text, safe="")
+
+
+def build_headers(item: WorkItem, api_key: str, settings: Settings) -> dict[str, str]:
+    headers = {
+        "Content-Type": "application/json",
+        "X-Fusillade-Request-Id": str(item.id),
+        "X-Fusillade-Custom-Id": header_value(item.custom_id),
+    }
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    for name in settings.batch_metadata_fields:
+        value = item.batch_fields.get(name)
+        if value is None:
+            continue
+        if name in ("created_at", "expires_at"):
+            value = int(value)
+        headers["x-fusillade-batch-" + name.replace("_", "-")] = header_value(value)
+    return headers
+
+
+def resolve(item: WorkItem, settings: Settings) -> tuple[str | None, str]:
+    """(base URL, key) for the item: the batch's own upstream wins; else the routed model's
+    route. A batch-level URL never receives a key from settings (it may be another host)."""
+    if item.upstream_url:
+        return item.upstream_url.rstrip("/"), item.api_key or ""
+    route = settings.route_for(item.routed_model) or settings.route_for(item.model)
+    if route is None:
+        return None, ""
+    return route.url, item.api_key or route.api_key
+
+
+def classify_status(status: int, settings: Settings) -> ErrorKind | None:
+    if status < 400:
+        return None
+    if status in settings.retry_statuses:
+        return ErrorKind.RETRIABLE_HTTP_STATUS
+    return ErrorKind.NON_RETRIABLE_HTTP_STATUS
+
+
+def attempt(session: requests.Session, item: WorkItem, settings: Settings) -> Outcome:
+    """Send one attempt and classify it (DESIGN.md section 5 outcome table)."""
+    base, api_key = resolve(item, settings)
+    if base is None:
+        return Outcome(
+            ErrorKind.BUILDER_ERROR,
+            detail=f"no upstream configured for model {item.routed_model!r}",
+        )
+    timeout = settings.timeout_ms / 1000.0
+    try:
+        resp = session.post(
+            base + item.url,
+            data=item.body.encode("utf-8"),
+            headers=build_headers(item, api_key, settings),
+            timeout=(min(timeout, 30.0), timeout),
+        )
+        body = resp.text
+    except requests.Timeout as exc:
+        return Outcome(ErrorKind.TIMEOUT, detail=_short(exc))
+    except (requests.exceptions.InvalidURL, requests.exceptions.InvalidHeader,
+            requests.exceptions.MissingSchema, requests.exceptions.InvalidSchema,
+            ValueError) as exc:
+        return Outcome(ErrorKind.BUILDER_ERROR, detail=_short(exc))
+    except requests.RequestException as exc:
+        return Outcome(ErrorKind.NETWORK_ERROR, detail=_short(exc))
+    request_id = resp.headers.get("x-request-id")
+    kind = classify_status(resp.status_code, settings)
+    if kind is None:
+        return Outcome(None, resp.status_code, body, request_id=request_id)
+    return Outcome(
+        kind,
+        resp.status_code,
+        body,
+        detail=f"HTTP {resp.status_code}: {body[:MAX_ERROR_BODY]}",
+        request_id=request_id,
+    )
+
+
+def _short(exc: BaseException) -> str:
+    """Exception text for the error record, without anything that could hold a header."""
+    text = f"{type(exc).__name__}: {exc}"
+    return text[:500]
