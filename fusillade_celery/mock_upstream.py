@@ -67,6 +67,9 @@ class MockState:
         }
 
 
+STATE_KEY: web.AppKey[MockState] = web.AppKey("state")
+
+
 def _response_body(path: str, model: str, custom_id: str, call: int, seq: int) -> dict[str, Any]:
     now = int(time.time())
     if path.endswith("/embeddings"):
@@ -95,7 +98,7 @@ def _response_body(path: str, model: str, custom_id: str, call: int, seq: int) -
 def build_app(config: MockConfig) -> web.Application:
     state = MockState(config)
     app = web.Application(client_max_size=64 * 1024 * 1024)
-    app["state"] = state
+    app[STATE_KEY] = state
 
     async def handle(request: web.Request) -> web.StreamResponse:
         raw = await request.read()
@@ -191,6 +194,7 @@ class MockUpstream:
         self._runner: web.AppRunner | None = None
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
+        self._error: BaseException | None = None
         self.app: web.Application | None = None
 
     @property
@@ -200,17 +204,23 @@ class MockUpstream:
     @property
     def state(self) -> MockState:
         assert self.app is not None
-        state: MockState = self.app["state"]
-        return state
+        return self.app[STATE_KEY]
 
     def start(self) -> MockUpstream:
         self._thread = threading.Thread(target=self._run, name="mock-upstream", daemon=True)
         self._thread.start()
-        if not self._ready.wait(10):
-            raise RuntimeError("mock upstream did not start")
+        if not self._ready.wait(10) or self._error is not None:
+            raise RuntimeError(f"mock upstream did not start: {self._error!r}")
         return self
 
     def _run(self) -> None:
+        try:
+            self._serve()
+        except BaseException as exc:  # surfaced by start()
+            self._error = exc
+            self._ready.set()
+
+    def _serve(self) -> None:
         loop = asyncio.new_event_loop()
         self._loop = loop
         asyncio.set_event_loop(loop)

@@ -221,7 +221,7 @@ class Settings:
 
 def redact_url(url: str) -> str:
     """Hide the password of ``scheme://user:pass@host`` URLs before they are printed."""
-    return re.sub(r"(//[^:/@]+:)[^@/]+@", r"\1***@", url)
+    return re.sub(r"(//[^:/@]*:)[^@/]+@", r"\1***@", url)
 
 
 def env_help() -> list[tuple[str, str, str]]:

@@ -156,9 +156,11 @@ class Store:
     # ------------------------------------------------------------------ claim
 
     def active_models(self) -> set[str]:
-        """Models of batches that are still running: the claimer's work list."""
+        """Models of batches that are still running (not cancelling): the claimer's work list."""
         with self._tx() as conn:
-            rows = conn.execute(select(t.batches.c.models).where(_ACTIVE_BATCH)).scalars()
+            rows = conn.execute(
+                select(t.batches.c.models).where(_ACTIVE_BATCH, t.batches.c.cancelling_at.is_(None))
+            ).scalars()
             return {m for raw in rows for m in json.loads(raw)}
 
     def claim(

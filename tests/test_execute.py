@@ -1,0 +1,238 @@
+"""Claim and execute as plain functions against a real database and the real mock upstream:
+fencing, outcomes, retries, limits, cancel, finalize and expiry. SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from fusillade_celery import claimer, maintenance
+from fusillade_celery.execute import execute
+from fusillade_celery.mock_upstream import MockUpstream
+from fusillade_celery.settings import Settings
+from fusillade_celery.store import Store
+from fusillade_celery.submit import Client
+from fusillade_celery.upstream import get_session
+
+from .conftest import line
+
+
+class Recorder:
+    """Stands in for the broker: collects what the claimer and the task would publish."""
+
+    def __init__(self) -> None:
+        self.messages: list[tuple[str, str, list[int]]] = []
+        self.retries: list[tuple[list[int], float]] = []
+
+    def publish(self, routed: str, token: str, ids: list[int]) -> None:
+        for chunk in claimer.chunked(ids, 1):  # one request per message, like the default
+            self.messages.append((routed, token, chunk))
+
+    def schedule_retry(self, ids: list[int], delay: float) -> None:
+        self.retries.append((ids, delay))
+
+
+def run_claimed(store: Store, settings: Settings, rec: Recorder) -> list:
+    reports = []
+    while rec.messages:
+        _, token, ids = rec.messages.pop(0)
+        reports.append(execute(store, settings, get_session(), token, ids, "w1", rec.schedule_retry))
+    return reports
+
+
+def states(store: Store, batch_id: str) -> dict[str, str]:
+    return {r["custom_id"]: r["state"] for r in store.request_rows(batch_id)}
+
+
+def test_completes_and_sends_the_headers(client: Client, settings: Settings, mock: MockUpstream) -> None:
+    batch_id = client.submit_batch([line("a"), line("b")], metadata={"x": "y"})
+    rec = Recorder()
+    assert claimer.claim_all(client.store, settings, rec.publish) == {"m1": 2}
+    run_claimed(client.store, settings, rec)
+    assert states(client.store, batch_id) == {"a": "completed", "b": "completed"}
+    batch = client.get_batch(batch_id)
+    headers = mock.state.log[0]["headers"]
+    assert headers["authorization"] == "Bearer sk-test-secret-123"
+    rows = client.store.request_rows(batch_id)
+    assert headers["x-fusillade-request-id"] == str(rows[0]["id"])
+    assert headers["x-fusillade-custom-id"] == "a"
+    assert headers["x-fusillade-batch-id"] == batch_id
+    assert headers["x-fusillade-batch-endpoint"] == "/v1/chat/completions"
+    assert headers["x-fusillade-batch-completion-window"] == "24h"
+    assert headers["x-fusillade-batch-created-at"] == str(batch["created_at"])
+    out = list(client.iter_results(batch_id))
+    assert [o["custom_id"] for o in out] == ["a", "b"]
+    assert out[0]["response"]["body"]["choices"][0]["message"]["content"] == "reply to a (call 1)"
+
+
+def test_no_authorization_header_when_the_key_is_empty(client: Client, settings: Settings, mock: MockUpstream) -> None:
+    client.submit_batch([line("a")], upstream=mock.url)  # batch-level upstream, no key
+    rec = Recorder()
+    claimer.claim_all(client.store, settings, rec.publish)
+    run_claimed(client.store, settings, rec)
+    assert "authorization" not in mock.state.log[0]["headers"]
+
+
+def test_stale_and_duplicate_messages_change_nothing(client: Client, settings: Settings, mock: MockUpstream) -> None:
+    batch_id = client.submit_batch([line("a")])
+    rec = Recorder()
+    claimer.claim_all(client.store, settings, rec.publish)
+    _, token, ids = rec.messages[0]
+    # a message with a wrong token: nothing starts, no upstream call
+    report = execute(client.store, settings, get_session(), "not-the-token", ids, "w1", rec.schedule_retry)
+    assert (report.started, report.stale, mock.state.calls) == (0, 1, 0)
+    # the real one completes; a duplicate delivery of it afterwards does nothing
+    execute(client.store, settings, get_session(), token, ids, "w1", rec.schedule_retry)
+    before = client.store.request_rows(batch_id)[0]
+    report = execute(client.store, settings, get_session(), token, ids, "w1", rec.schedule_retry)
+    assert report.started == 0 and mock.state.calls == 1
+    assert client.store.request_rows(batch_id)[0] == before
+    # a late write-back of the old attempt cannot overwrite the terminal row
+    from fusillade_celery.states import RequestState
+    from fusillade_celery.store import Finish
+
+    assert client.store.finish([Finish(ids[0], RequestState.FAILED, 500, "late")], token, time.time()) == 0
+    assert client.store.request_rows(batch_id)[0]["state"] == "completed"
+
+
+def test_outcomes_are_classified(client: Client, settings: Settings, mock: MockUpstream) -> None:
+    batch_id = client.submit_batch(
+        [
+            line("ok"),
+            line("bad", mock_statuses=[400]),
+            line("busy", mock_statuses=[503, 200]),
+            line("reset", mock_reset=1),
+            line("slow", mock_stall_ms=4000),
+        ]
+    )
+    rec = Recorder()
+    claimer.claim_all(client.store, settings, rec.publish)
+    run_claimed(client.store, settings, rec)
+    rows = {r["custom_id"]: r for r in client.store.request_rows(batch_id)}
+    assert rows["ok"]["state"] == "completed"
+    assert rows["bad"]["state"] == "failed"
+    assert json.loads(rows["bad"]["error"])["kind"] == "non_retriable_http_status"
+    for cid, kind in (("busy", "retriable_http_status"), ("reset", "network_error"), ("slow", "timeout")):
+        assert rows[cid]["state"] == "retrying", cid
+        assert json.loads(rows[cid]["error"])["kind"] == kind
+        assert rows[cid]["attempt"] == 1
+    retried = sorted(i for ids, _ in rec.retries for i in ids)
+    assert retried == sorted(rows[c]["id"] for c in ("busy", "reset", "slow"))
+    assert all(delay == pytest.approx(0.05, abs=0.02) for _, delay in rec.retries)
+
+
+def test_retry_is_denied_at_the_deadline(client: Client, settings: Settings) -> None:
+    batch_id = client.submit_batch([line("a", mock_statuses=[503])], completion_window="1s")
+    slow = settings.replace(backoff_ms=2000, max_backoff_ms=2000)
+    rec = Recorder()
+    claimer.claim_all(client.store, slow, rec.publish)
+    run_claimed(client.store, slow, rec)
+    row = client.store.request_rows(batch_id)[0]
+    assert row["state"] == "failed" and not rec.retries
+    error = json.loads(row["error"])
+    assert error["kind"] == "retriable_http_status" and error["retries_exhausted"]
+
+
+def test_claim_respects_the_limit_and_the_deadline_order(client: Client, settings: Settings) -> None:
+    limited = settings.replace(model_limits={"m1": 3})
+    late = client.submit_batch([line(f"late{i}") for i in range(3)], completion_window="2h")
+    early = client.submit_batch([line(f"early{i}") for i in range(3)], completion_window="1h")
+    rec = Recorder()
+    assert claimer.claim_all(client.store, limited, rec.publish) == {"m1": 3}
+    assert claimer.claim_all(client.store, limited, rec.publish) == {"m1": 0}  # no capacity
+    assert set(states(client.store, early).values()) == {"claimed"}
+    assert set(states(client.store, late).values()) == {"pending"}
+    assert client.get_batch(early)["status"] == "in_progress"
+    assert client.get_batch(late)["status"] == "validating"
+    run_claimed(client.store, limited, rec)
+    assert claimer.claim_all(client.store, limited, rec.publish) == {"m1": 3}
+    tokens = {t for _, t, _ in rec.messages}
+    assert len(tokens) == 1  # one fresh token per claim statement
+
+
+def test_escalation_routes_urgent_rows_to_the_escalation_model(client: Client, settings: Settings) -> None:
+    from fusillade_celery.settings import Escalation
+
+    esc = settings.replace(escalations={"m1": Escalation("m1-fast", 3600)})
+    urgent = client.submit_batch([line("u")], completion_window="30m")
+    relaxed = client.submit_batch([line("r")], completion_window="24h")
+    rec = Recorder()
+    claimer.claim_all(client.store, esc, rec.publish)
+    routed = {client.store.request_rows(b)[0]["custom_id"]: client.store.request_rows(b)[0]["routed_model"] for b in (urgent, relaxed)}
+    assert routed == {"u": "m1-fast", "r": "m1"}
+    assert sorted(r for r, _, _ in rec.messages) == ["m1", "m1-fast"]
+
+
+def test_finalize_walks_the_statuses(client: Client, settings: Settings) -> None:
+    batch_id = client.submit_batch([line("a"), line("b", mock_statuses=[400])])
+    rec = Recorder()
+    claimer.claim_all(client.store, settings, rec.publish)
+    run_claimed(client.store, settings, rec)
+    assert client.get_batch(batch_id)["status"] == "in_progress"
+    maintenance.finalize(client.store, settings)
+    batch = client.get_batch(batch_id)
+    assert batch["status"] == "completed"
+    assert batch["request_counts"] == {"total": 2, "completed": 1, "failed": 1}
+    assert batch["in_progress_at"] <= batch["finalizing_at"] <= batch["completed_at"]
+    out = list(client.iter_file(batch["output_file_id"]))
+    err = list(client.iter_file(batch["error_file_id"]))
+    assert [o["custom_id"] for o in out] == ["a"] and [e["custom_id"] for e in err] == ["b"]
+
+
+def test_all_failed_batch_reads_failed(client: Client, settings: Settings) -> None:
+    batch_id = client.submit_batch([line("b", mock_statuses=[400])])
+    rec = Recorder()
+    claimer.claim_all(client.store, settings, rec.publish)
+    run_claimed(client.store, settings, rec)
+    maintenance.finalize(client.store, settings)
+    assert client.get_batch(batch_id)["status"] == "failed"
+
+
+def test_expiry_keeps_finished_results_and_fails_the_rest(client: Client, settings: Settings) -> None:
+    batch_id = client.submit_batch([line("done"), line("late")], completion_window="1s")
+    rec = Recorder()
+    client.store.claim("m1", "m1", limit=1, batch_size=1, now=time.time())  # "done" in flight...
+    token, claimed = client.store.claim("m1", "m1", limit=10, batch_size=1, now=time.time())
+    rows = client.store.request_rows(batch_id)
+    first_token = rows[0]["claim_token"]
+    execute(client.store, settings, get_session(), first_token, [rows[0]["id"]], "w", rec.schedule_retry)
+    maintenance.finalize(client.store, settings, now=time.time() + 2)
+    batch = client.get_batch(batch_id)
+    assert batch["status"] == "expired"
+    assert batch["request_counts"] == {"total": 2, "completed": 1, "failed": 1}
+    errors = list(client.iter_results(batch_id, errors=True))
+    assert [(e["custom_id"], e["error"]["code"]) for e in errors] == [("late", "batch_expired")]
+    # the in-flight attempt of "late" finishing now cannot overwrite the expiry
+    report = execute(client.store, settings, get_session(), token, [c.id for c in claimed], "w", rec.schedule_retry)
+    assert report.started == 0
+
+
+def test_cancel_stops_new_sends(client: Client, settings: Settings, mock: MockUpstream) -> None:
+    batch_id = client.submit_batch([line(f"r{i}") for i in range(4)])
+    rec = Recorder()
+    client.store.claim("m1", "m1", limit=2, batch_size=2, now=time.time())
+    claimer.claim_all(client.store, settings.replace(model_limits={"m1": 2}), rec.publish)
+    rows = client.store.request_rows(batch_id)
+    claimed = [(r["claim_token"], r["id"]) for r in rows if r["state"] == "claimed"]
+    assert client.cancel_batch(batch_id)["status"] == "cancelling"
+    for token, rid in claimed:  # messages already queued
+        execute(client.store, settings, get_session(), token, [rid], "w", rec.schedule_retry)
+    assert mock.state.calls == 0
+    assert set(states(client.store, batch_id).values()) == {"canceled"}
+    assert claimer.claim_all(client.store, settings, rec.publish) == {}
+    maintenance.finalize(client.store, settings)
+    assert client.get_batch(batch_id)["status"] == "cancelled"
+
+
+def test_reaper_returns_orphans_with_a_new_token(client: Client, settings: Settings) -> None:
+    batch_id = client.submit_batch([line("a")])
+    token, claimed = client.store.claim("m1", "m1", limit=5, batch_size=5, now=time.time() - 120)
+    assert maintenance.reap(client.store, settings) == 1
+    row = client.store.request_rows(batch_id)[0]
+    assert row["state"] == "pending" and row["claim_token"] is None and row["attempt"] == 0
+    token2, _ = client.store.claim("m1", "m1", limit=5, batch_size=5, now=time.time())
+    assert token2 != token
+    rec = Recorder()
+    assert execute(client.store, settings, get_session(), token, [claimed[0].id], "w", rec.schedule_retry).started == 0

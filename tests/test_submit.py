@@ -1,0 +1,181 @@
+"""Submitting: what is accepted, and every bad-input rule refusing with the line and field
+named and zero rows created (DESIGN.md invariant 7). Runs on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+
+from fusillade_celery import schema
+from fusillade_celery.cli import main
+from fusillade_celery.submit import Client
+from fusillade_celery.validation import InputError
+
+from .conftest import line
+
+
+def row_counts(client: Client) -> dict[str, int]:
+    with client.store.engine.connect() as conn:
+        return {
+            t.name: conn.execute(select(func.count()).select_from(t)).scalar_one()
+            for t in (schema.files, schema.request_templates, schema.batches, schema.requests)
+        }
+
+
+def jsonl(*objs: object) -> bytes:
+    return b"".join(json.dumps(o).encode() + b"\n" for o in objs)
+
+
+def test_accepts_a_path_a_binary_stream_a_text_stream_and_dicts(client: Client, tmp_path: Path) -> None:
+    data = jsonl(line("a"), line("b", model="m2"))
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(data)
+    ids = [
+        client.submit_batch(path),
+        client.submit_batch(io.BytesIO(data)),
+        client.submit_batch(io.StringIO(data.decode())),
+        client.submit_batch([line("a"), line("b", model="m2")]),
+    ]
+    for batch_id in ids:
+        batch = client.get_batch(batch_id)
+        assert batch["status"] == "validating"
+        assert batch["endpoint"] == "/v1/chat/completions"
+        assert batch["request_counts"] == {"total": 2, "completed": 0, "failed": 0}
+        assert batch["expires_at"] - batch["created_at"] in (86399, 86400, 86401)
+    assert row_counts(client)["requests"] == 8
+    stored = list(client.iter_file(client.get_batch(ids[0])["input_file_id"]))
+    assert [s["custom_id"] for s in stored] == ["a", "b"]
+    assert stored[1]["body"]["model"] == "m2"
+
+
+def test_endpoint_defaults_to_the_lines_url_and_metadata_is_kept(client: Client) -> None:
+    batch_id = client.submit_batch(
+        [line("a", url="/v1/embeddings")], completion_window="2h", metadata={"team": "search"}
+    )
+    batch = client.get_batch(batch_id)
+    assert batch["endpoint"] == "/v1/embeddings"
+    assert batch["completion_window"] == "2h"
+    assert batch["metadata"] == {"team": "search"}
+
+
+BIG = "x" * 2048
+
+BAD_INPUTS = [
+    # (id, raw file bytes, expected line, expected field, fragment of the message)
+    ("not json", jsonl(line("a")) + b"{not json}\n", 2, None, "not valid JSON"),
+    ("not utf-8", jsonl(line("a")) + b'{"custom_id": "\xff"}\n', 2, None, "UTF-8"),
+    ("not an object", jsonl(line("a")) + b"[1, 2]\n", 2, None, "JSON object"),
+    ("missing custom_id", jsonl(line("a"), {k: v for k, v in line("b").items() if k != "custom_id"}), 2, "custom_id", "required"),
+    ("custom_id not a string", jsonl({**line("a"), "custom_id": 5}), 1, "custom_id", "string"),
+    ("custom_id too long", jsonl(line("a" * 65)), 1, "custom_id", "64"),
+    ("duplicate custom_id", jsonl(line("a"), line("b"), line("a")), 3, "custom_id", "duplicate"),
+    ("method GET", jsonl({**line("a"), "method": "GET"}), 1, "method", "POST"),
+    ("unsupported url", jsonl(line("a", url="/v1/images")), 1, "url", "unsupported"),
+    ("mixed urls", jsonl(line("a"), line("b", url="/v1/embeddings")), 2, "url", "one endpoint"),
+    ("body not an object", jsonl({**line("a"), "body": "hi"}), 1, "body", "object"),
+    ("model missing", jsonl(line("a"), {**line("b"), "body": {"messages": []}}), 2, "body.model", "required"),
+    ("model with spaces", jsonl(line("a", model="gpt 4")), 1, "body.model", "valid model"),
+    ("oversized line", jsonl(line("a"), line("b", content=BIG)), 2, None, "FUSILLADE_MAX_LINE_BYTES"),
+    ("empty file", b"\n\n", None, None, "no requests"),
+]
+
+
+@pytest.mark.parametrize(("raw", "line_no", "field", "fragment"), [c[1:] for c in BAD_INPUTS], ids=[c[0] for c in BAD_INPUTS])
+def test_bad_input_is_refused_naming_the_line_and_leaves_no_rows(
+    client: Client, tmp_path: Path, raw: bytes, line_no: int | None, field: str | None, fragment: str
+) -> None:
+    client.settings = client.settings.replace(max_line_bytes=1024)
+    client.submit_batch([line("keep")])  # an earlier, valid batch must stay as it is
+    before = row_counts(client)
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(raw)
+    with pytest.raises(InputError) as err:
+        client.submit_batch(path)
+    assert err.value.line == line_no
+    assert err.value.field == field
+    assert fragment in str(err.value)
+    if line_no is not None:
+        assert str(err.value).startswith(f"line {line_no}")
+    assert row_counts(client) == before
+
+
+def test_oversized_file_is_refused(client: Client) -> None:
+    client.settings = client.settings.replace(max_file_bytes=500)
+    lines = [line(f"r{i}") for i in range(20)]
+    with pytest.raises(InputError, match="FUSILLADE_MAX_FILE_BYTES") as err:
+        client.submit_batch(io.BytesIO(jsonl(*lines)))
+    assert err.value.line is not None and err.value.line > 1
+    assert row_counts(client)["batches"] == 0
+
+
+def test_unknown_model_without_route_or_upstream(client: Client) -> None:
+    client.settings = client.settings.replace(upstream_url="", routes={})
+    with pytest.raises(InputError, match="unknown model 'm9'") as err:
+        client.submit_batch([line("a", model="m9")])
+    assert (err.value.line, err.value.field) == (1, "body.model")
+    # the same file is accepted when the call names an upstream
+    assert client.submit_batch([line("a", model="m9")], upstream="http://127.0.0.1:9")
+    assert row_counts(client)["batches"] == 1
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"completion_window": "soon"}, "completion_window"),
+        ({"metadata": {"k": 1}}, "metadata"),
+        ({"upstream": "ftp://x"}, "upstream"),
+        ({"endpoint": "/v1/nope"}, "endpoint"),
+    ],
+)
+def test_bad_arguments_are_refused(client: Client, kwargs: dict, field: str) -> None:
+    with pytest.raises(InputError) as err:
+        client.submit_batch([line("a")], **kwargs)
+    assert err.value.field == field
+    assert row_counts(client)["batches"] == 0
+
+
+@pytest.fixture
+def cli_env(monkeypatch: pytest.MonkeyPatch, client: Client) -> Client:
+    monkeypatch.setenv("FUSILLADE_DATABASE_URL", client.settings.database_url)
+    monkeypatch.setenv("FUSILLADE_UPSTREAM_URL", client.settings.upstream_url)
+    monkeypatch.delenv("FUSILLADE_BROKER_URL", raising=False)
+    return client
+
+
+def test_cli_refuses_bad_input_with_one_line_and_exit_2(
+    cli_env: Client, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(jsonl(line("a"), line("a")))
+    assert main(["submit", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["fusillade-celery: error: invalid input: line 2, field 'custom_id': duplicate custom_id 'a'"]
+    assert row_counts(cli_env)["batches"] == 0
+
+
+def test_cli_submit_status_results_cancel(cli_env: Client, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "ok.jsonl"
+    path.write_bytes(jsonl(line("a"), line("b")))
+    assert main(["submit", str(path), "--metadata", "k=v"]) == 0
+    batch_id = capsys.readouterr().out.strip()
+    assert batch_id.startswith("batch_")
+    assert main(["status", batch_id]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["id"] == batch_id and status["metadata"] == {"k": "v"}
+    assert main(["cancel", batch_id]) == 0
+    assert json.loads(capsys.readouterr().out)["status"] == "cancelling"
+    assert main(["results", batch_id, "--errors"]) == 0
+    errors = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [e["error"]["code"] for e in errors] == ["batch_cancelled", "batch_cancelled"]
+    assert main(["status", "batch_nope"]) == 2
+    assert "no batch 'batch_nope'" in capsys.readouterr().err
+
+
+def test_cli_bad_configuration_is_one_line(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("FUSILLADE_MODEL_LIMITS", "gpt-4")
+    assert main(["status", "batch_x"]) == 2
+    assert capsys.readouterr().err.strip().startswith("fusillade-celery: error: configuration: FUSILLADE_MODEL_LIMITS")
