@@ -365,3 +365,7 @@ def _fail(message: str, code: int) -> int:
 
 def entrypoint() -> None:
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    entrypoint()

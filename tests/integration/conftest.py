@@ -1,0 +1,154 @@
+"""A real distributed deployment, started as processes: PostgreSQL database, Redis, the mock
+upstream, ``celery beat`` and two ``celery worker -Q model.<m> -P gevent -c 20``.
+
+Started once per session (about 10 s) and shared; tests use their own models or custom_ids so
+they do not read each other's traffic.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import requests
+
+from fusillade_celery.app import configure
+from fusillade_celery.db import normalize_url
+from fusillade_celery.settings import Settings
+from fusillade_celery.submit import Client
+
+from .. import services
+
+API_KEY = "sk-integration-SECRET-4242"
+MODELS = ("limited", "m1", "m2")
+REDIS_DB = 11
+
+
+@dataclass
+class Cluster:
+    env: dict[str, str]
+    settings: Settings
+    client: Client
+    mock_url: str
+    log_dir: Path
+    broker_url: str
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    def mock_stats(self) -> dict[str, Any]:
+        stats: dict[str, Any] = requests.get(self.mock_url + "/_mock/stats", timeout=10).json()
+        return stats
+
+    def calls_for(self, prefix: str) -> dict[str, list[dict[str, Any]]]:
+        """The mock's call log for custom_ids starting with ``prefix``, per custom_id, in order."""
+        out: dict[str, list[dict[str, Any]]] = {}
+        for entry in self.mock_stats()["log"]:
+            if entry["custom_id"].startswith(prefix):
+                out.setdefault(entry["custom_id"], []).append(entry)
+        for calls in out.values():
+            calls.sort(key=lambda e: e["call"])
+        return out
+
+    def wait_done(self, batch_id: str, timeout: float = 60) -> dict[str, Any]:
+        terminal = {"completed", "failed", "expired", "cancelled"}
+        return services.wait_for(
+            lambda: (b := self.client.get_batch(batch_id))["status"] in terminal and b,
+            timeout,
+            interval=0.1,
+            what=f"batch {batch_id} to finish",
+        )
+
+    def logs(self) -> str:
+        return "\n".join(p.read_text(errors="replace") for p in self.log_dir.glob("*.log"))
+
+
+def _celery(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("wb") as fh:  # the child keeps its own descriptor
+        return subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "fusillade_celery", *cmd],
+            env=env,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+@pytest.fixture(scope="session")
+def cluster(
+    pg_admin: str, pg_template: str, redis_base: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Cluster]:
+    log_dir = tmp_path_factory.mktemp("cluster")
+    db_name = services.create_database(pg_admin, template=pg_template)
+    db_url = normalize_url(services.with_db(pg_admin, db_name))
+    broker_url = f"{redis_base}/{REDIS_DB}"
+    redis.Redis.from_url(broker_url).flushdb()
+
+    mock = subprocess.Popen(
+        [sys.executable, "-m", "fusillade_celery.cli", "mock-upstream", "--port", "0"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert mock.stdout is not None
+    mock_url = mock.stdout.readline().strip().rsplit(" ", 1)[1]
+
+    env = {
+        **os.environ,
+        "FUSILLADE_DATABASE_URL": db_url,
+        "FUSILLADE_BROKER_URL": broker_url,
+        "FUSILLADE_UPSTREAM_URL": mock_url,
+        "FUSILLADE_UPSTREAM_API_KEY": API_KEY,
+        "FUSILLADE_MODEL_LIMITS": "limited=5",
+        "FUSILLADE_DEFAULT_MODEL_LIMIT": "10",
+        "FUSILLADE_BACKOFF_MS": "200",
+        "FUSILLADE_MAX_BACKOFF_MS": "2000",
+        "FUSILLADE_TIMEOUT_MS": "1500",
+        "FUSILLADE_CLAIM_INTERVAL_MS": "500",
+        "FUSILLADE_CLAIM_BATCH_SIZE": "100",
+        "PYTHONUNBUFFERED": "1",
+    }
+    queues = ",".join(f"model.{m}" for m in MODELS)
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    procs["beat"] = _celery(
+        ["beat", "-l", "info", "--schedule", str(log_dir / "beat-schedule")], env, log_dir / "beat.log"
+    )
+    for name in ("w1", "w2"):
+        procs[name] = _celery(
+            ["worker", "-Q", queues, "-P", "gevent", "-c", "20", "-n", f"{name}@%h", "-l", "info"],
+            env,
+            log_dir / f"{name}.log",
+        )
+    settings = Settings.from_env(env)
+    configure(settings)
+    c = Cluster(env, settings, Client(settings), mock_url, log_dir, broker_url, procs)
+    try:
+        for name in ("w1", "w2"):
+            services.wait_for(
+                lambda n=name: "ready." in (log_dir / f"{n}.log").read_text(errors="replace"),
+                60,
+                what=f"worker {name} to be ready (log: {log_dir / f'{name}.log'})",
+            )
+        yield c
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in procs.values():
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(5)
+        mock.terminate()
+        mock.wait(10)
+        mock.stdout.close()
+        configure(Settings())
+        time.sleep(0.1)
+        services.drop_database(pg_admin, db_name)

@@ -1,0 +1,114 @@
+"""The embedded default: SQLite file, in-process broker and a real Celery worker thread; the
+CLI's ``run`` (with resume after Ctrl-C) and ``demo`` as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+from fusillade_celery.embedded import run_batch
+from fusillade_celery.mock_upstream import MockUpstream
+from fusillade_celery.settings import Settings
+from fusillade_celery.submit import Client
+
+from .conftest import line
+from .services import wait_for
+
+CLI = [sys.executable, "-m", "fusillade_celery.cli"]
+
+
+def test_run_batch_in_process(sqlite_url: str, mock: MockUpstream) -> None:
+    settings = Settings().replace(
+        database_url=sqlite_url, upstream_url=mock.url, upstream_api_key="k", backoff_ms=50,
+        model_limits={"a": 4, "b": 2},
+    )
+    client = Client(settings)
+    lines = [line(f"r{i}", model="ab"[i % 2]) for i in range(40)]
+    lines.append(line("flaky", model="a", mock_statuses=[503, 503, 200]))
+    batch_id = client.submit_batch(lines)
+    seen: list[int] = []
+    batch = run_batch(client, batch_id, on_progress=lambda b: seen.append(b["request_counts"]["completed"]))
+    assert batch["status"] == "completed"
+    assert batch["request_counts"] == {"total": 41, "completed": 41, "failed": 0}
+    assert mock.state.by_custom_id["flaky"] == 3
+    assert seen == sorted(seen) and seen[-1] == 41
+    assert mock.state.peak["a"] <= 4 and mock.state.peak["b"] <= 2
+
+
+def _start_mock(*flags: str) -> tuple[subprocess.Popen[str], str]:
+    proc = subprocess.Popen(
+        [*CLI, "mock-upstream", "--port", "0", *flags], stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None
+    first = proc.stdout.readline()
+    assert "listening on" in first, first
+    return proc, first.strip().rsplit(" ", 1)[1]
+
+
+def stop(proc: subprocess.Popen[str]) -> None:
+    proc.terminate()
+    proc.wait(10)
+    if proc.stdout is not None:
+        proc.stdout.close()
+
+
+def _completed(db: Path) -> int:
+    if not db.exists():
+        return 0
+    with sqlite3.connect(db) as conn:
+        try:
+            return int(conn.execute("SELECT count(*) FROM requests WHERE state='completed'").fetchone()[0])
+        except sqlite3.OperationalError:
+            return 0
+
+
+def test_cli_run_resumes_after_ctrl_c(tmp_path: Path) -> None:
+    mock, url = _start_mock("--latency-ms", "100")
+    try:
+        src = tmp_path / "in.jsonl"
+        src.write_text("".join(json.dumps(line(f"r{i:03d}")) + "\n" for i in range(300)))
+        db = tmp_path / "state.sqlite3"
+        env = {**os.environ, "FUSILLADE_DATABASE_URL": f"sqlite:///{db}", "FUSILLADE_UPSTREAM_URL": url,
+               "FUSILLADE_UPSTREAM_API_KEY": "sk-cli-key", "FUSILLADE_MODEL_LIMITS": "m1=10"}
+        env.pop("FUSILLADE_BROKER_URL", None)
+        first = subprocess.Popen([*CLI, "run", str(src)], env=env, stderr=subprocess.PIPE, text=True)
+        wait_for(lambda: _completed(db) >= 40, 60, what="the first run to make progress")
+        first.send_signal(signal.SIGINT)
+        _, err = first.communicate(timeout=30)
+        assert first.returncode == 130
+        assert "run the same command again to resume" in err
+        done_before = _completed(db)
+        assert 40 <= done_before < 300
+        second = subprocess.run([*CLI, "run", str(src)], env=env, capture_output=True, text=True, timeout=120)
+        assert second.returncode == 0, second.stderr
+        assert "resuming batch_" in second.stderr
+        out = [json.loads(x) for x in (tmp_path / "in.output.jsonl").read_text().splitlines()]
+        assert sorted(o["custom_id"] for o in out) == [f"r{i:03d}" for i in range(300)]
+        assert (tmp_path / "in.errors.jsonl").read_text() == ""
+        assert "completed: 300 completed, 0 failed" in second.stdout
+        assert "sk-cli-key" not in second.stdout + second.stderr + err
+    finally:
+        stop(mock)
+
+
+def test_demo_runs_a_real_batch_of_two_models(tmp_path: Path) -> None:
+    out_dir = tmp_path / "demo"
+    res = subprocess.run([*CLI, "demo", "--out", str(out_dir), "--requests", "1000"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    summary = json.loads(res.stdout)
+    assert summary["status"] == "completed"
+    counts = summary["request_counts"]
+    assert counts["total"] == 1000 and counts["completed"] + counts["failed"] == 1000
+    assert counts["failed"] > 0  # the sample asks the mock for some permanent failures
+    assert summary["upstream_calls"] > 1000  # and for transient ones, which are retried
+    outputs = [json.loads(x) for x in (out_dir / "output.jsonl").read_text().splitlines()]
+    errors = [json.loads(x) for x in (out_dir / "errors.jsonl").read_text().splitlines()]
+    assert len(outputs) == counts["completed"] and len(errors) == counts["failed"]
+    assert {o["response"]["body"]["model"] for o in outputs} == {"demo-small", "demo-large"}
+    assert "req" in res.stderr and "1000/1000" in res.stderr  # the progress bar reached the end
