@@ -5,6 +5,7 @@ enqueue work with :func:`submit_batch` and read it back with :func:`get_batch` a
 :func:`iter_results`.
 """
 
+from . import tasks as _tasks  # noqa: E402,F401  (registers the tasks on the app)
 from .app import app
 from .queues import queue_for_model
 from .settings import Settings
@@ -18,8 +19,6 @@ from .submit import (
     submit_batch,
 )
 from .validation import InputError
-
-from . import tasks as _tasks  # noqa: E402,F401  (registers the tasks on the app)
 
 __all__ = [
     "Client",

@@ -49,11 +49,26 @@ def celery_config(settings: Settings) -> dict[str, Any]:
 def configure(settings: Settings | None = None) -> Settings:
     """(Re)configure the app from settings; the CLI and tests call this with explicit ones."""
     settings = settings or Settings.from_env()
+    previous = _current.get("settings")
     _current.clear()
     _current["settings"] = settings
     app.conf.update(celery_config(settings))
     _apply_overrides()
+    if previous is not None and previous.broker_url != settings.broker_url:
+        _drop_broker_connections()
     return settings
+
+
+def _drop_broker_connections() -> None:
+    """Celery caches its producer pool on first publish; after the broker URL changes (one
+    process embedding a run after using a server broker, as tests do) publishes would still go
+    to the old broker. Celery's own after-fork hook resets the same two attributes."""
+    if app._pool is not None:
+        app._pool.force_close_all()
+    app._pool = None
+    amqp = app.__dict__.get("amqp")
+    if amqp is not None:
+        amqp._producer_pool = None
 
 
 def _apply_overrides() -> None:
@@ -64,7 +79,9 @@ def _apply_overrides() -> None:
         if exc.name != name:
             raise
         return
-    app.conf.update({k: v for k, v in vars(module).items() if k.islower() and not k.startswith("_")})
+    app.conf.update(
+        {k: v for k, v in vars(module).items() if k.islower() and not k.startswith("_")}
+    )
 
 
 def get_settings() -> Settings:

@@ -38,7 +38,12 @@ def claim_model(
     escalation = settings.escalations.get(model)
     if escalation is not None:
         total += _claim_into(
-            store, settings, publish, model, escalation.model, now,
+            store,
+            settings,
+            publish,
+            model,
+            escalation.model,
+            now,
             deadline_before=now + escalation.threshold_s,
         )
     total += _claim_into(store, settings, publish, model, model, now)

@@ -64,7 +64,12 @@ class _Bar:
         from tqdm import tqdm
 
         self._bar = tqdm(
-            total=0, desc=label, unit="req", file=sys.stderr, disable=not enabled, dynamic_ncols=True
+            total=0,
+            desc=label,
+            unit="req",
+            file=sys.stderr,
+            disable=not enabled,
+            dynamic_ncols=True,
         )
 
     def __call__(self, batch: dict[str, Any]) -> None:
@@ -93,7 +98,9 @@ def _write_results(client: Any, batch_id: str, out: Path, err: Path) -> tuple[in
     return n_out, n_err
 
 
-def _follow(client: Any, batch_id: str, on_progress: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+def _follow(
+    client: Any, batch_id: str, on_progress: Callable[[dict[str, Any]], None]
+) -> dict[str, Any]:
     from .states import TERMINAL_BATCH, BatchStatus
 
     while True:
@@ -159,9 +166,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             batch = _follow(client, batch_id, bar)
     except KeyboardInterrupt:
         bar.close()
-        print(
-            f"interrupted; run the same command again to resume {batch_id}", file=sys.stderr
-        )
+        print(f"interrupted; run the same command again to resume {batch_id}", file=sys.stderr)
         sys.stderr.flush()
         os._exit(EXIT_INTERRUPTED)  # worker threads may sit in an upstream call: do not wait
     bar.close()
@@ -248,7 +253,8 @@ def cmd_settings(args: argparse.Namespace) -> int:
 
 def _upstream_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--upstream", help="base URL of the upstream for this batch (default: routes / FUSILLADE_UPSTREAM_URL)"
+        "--upstream",
+        help="base URL of the upstream for this batch (default: routes / FUSILLADE_UPSTREAM_URL)",
     )
     p.add_argument(
         "--api-key",
@@ -280,7 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--errors", help="error file (default INPUT.errors.jsonl)")
     _upstream_flags(p)
     p.add_argument("--fresh", action="store_true", help="do not resume an earlier run of INPUT")
-    p.add_argument("--concurrency", type=int, help="embedded worker threads (default: sum of limits)")
+    p.add_argument(
+        "--concurrency", type=int, help="embedded worker threads (default: sum of limits)"
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_run)
 

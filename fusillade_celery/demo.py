@@ -11,6 +11,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from .embedded import run_batch
 from .mock_upstream import MockConfig, MockUpstream
@@ -19,7 +20,7 @@ from .settings import Settings
 MODELS = ("demo-small", "demo-large")
 
 
-def sample_lines(n: int) -> list[dict[str, object]]:
+def sample_lines(n: int) -> list[dict[str, Any]]:
     lines = []
     for i in range(n):
         body: dict[str, object] = {
@@ -32,7 +33,12 @@ def sample_lines(n: int) -> list[dict[str, object]]:
         if i % 200 == 13:
             body["mock_statuses"] = [400]  # permanent: lands in the error file
         lines.append(
-            {"custom_id": f"demo-{i:05d}", "method": "POST", "url": "/v1/chat/completions", "body": body}
+            {
+                "custom_id": f"demo-{i:05d}",
+                "method": "POST",
+                "url": "/v1/chat/completions",
+                "body": body,
+            }
         )
     return lines
 
@@ -60,7 +66,9 @@ def run_demo(out_dir: Path, n: int, quiet: bool = False) -> int:
         )
         configure(settings)
         client = Client(settings)
-        print(f"mock upstream on {mock.url}; {n} requests over {', '.join(MODELS)}", file=sys.stderr)
+        print(
+            f"mock upstream on {mock.url}; {n} requests over {', '.join(MODELS)}", file=sys.stderr
+        )
         started = time.time()
         batch_id = client.submit_batch(input_path, metadata={"source": "demo"})
         bar = _Bar(batch_id, enabled=not quiet)

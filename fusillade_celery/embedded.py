@@ -78,7 +78,9 @@ def embedded_settings(settings: Settings) -> Settings:
 
 
 def queues_for(models: list[str], settings: Settings) -> list[str]:
-    names = set(models) | {settings.escalations[m].model for m in models if m in settings.escalations}
+    names = set(models) | {
+        settings.escalations[m].model for m in models if m in settings.escalations
+    }
     return [CONTROL_QUEUE] + sorted(queue_for_model(m) for m in names)
 
 

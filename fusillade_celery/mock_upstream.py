@@ -17,6 +17,7 @@ of calls with their timing and the ``x-fusillade-*`` / ``authorization`` headers
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import threading
@@ -160,7 +161,9 @@ def build_app(config: MockConfig) -> web.Application:
                 }
             else:
                 payload = _response_body(request.path, model, custom_id, call, seq)
-            return web.json_response(payload, status=status, headers={"x-request-id": f"mock-{seq}"})
+            return web.json_response(
+                payload, status=status, headers={"x-request-id": f"mock-{seq}"}
+            )
         except asyncio.CancelledError:
             if entry.get("outcome") != "reset":
                 entry["outcome"] = "disconnected"
@@ -181,6 +184,12 @@ def build_app(config: MockConfig) -> web.Application:
     app.router.add_post("/_mock/reset", reset)
     app.router.add_post("/{tail:.*}", handle)
     return app
+
+
+def _bound_port(site: web.TCPSite) -> int:
+    """The port actually bound (the caller may have asked for port 0)."""
+    server: Any = site._server
+    return int(server.sockets[0].getsockname()[1])
 
 
 class MockUpstream:
@@ -229,8 +238,7 @@ class MockUpstream:
         loop.run_until_complete(runner.setup())
         site = web.TCPSite(runner, self.host, self.port, backlog=4096)
         loop.run_until_complete(site.start())
-        sockets = site._server.sockets if site._server else []  # type: ignore[union-attr]
-        self.port = sockets[0].getsockname()[1]
+        self.port = _bound_port(site)
         self._runner = runner
         self._ready.set()
         loop.run_forever()
@@ -259,15 +267,12 @@ def serve(config: MockConfig, host: str, port: int) -> None:
         await runner.setup()
         site = web.TCPSite(runner, host, port, backlog=4096)
         await site.start()
-        sockets = site._server.sockets if site._server else []  # type: ignore[union-attr]
-        bound = sockets[0].getsockname()[1]
+        bound = _bound_port(site)
         print(f"mock upstream listening on http://{host}:{bound}", flush=True)
         await asyncio.Event().wait()
 
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(main())
-    except KeyboardInterrupt:
-        pass
 
 
 def summarize_calls(log: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:

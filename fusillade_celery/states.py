@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 
-class RequestState(str, enum.Enum):
+class RequestState(enum.StrEnum):
     PENDING = "pending"
     CLAIMED = "claimed"
     PROCESSING = "processing"
@@ -46,7 +46,7 @@ def can_move(src: RequestState, dst: RequestState) -> bool:
     return dst in TRANSITIONS[src]
 
 
-class ErrorKind(str, enum.Enum):
+class ErrorKind(enum.StrEnum):
     """Why a request failed (fusillade's FailureReason, plus the batch-level endings)."""
 
     RETRIABLE_HTTP_STATUS = "retriable_http_status"
@@ -73,7 +73,7 @@ _RETRIABLE = frozenset(
 )
 
 
-class BatchStatus(str, enum.Enum):
+class BatchStatus(enum.StrEnum):
     VALIDATING = "validating"
     IN_PROGRESS = "in_progress"
     FINALIZING = "finalizing"

@@ -236,23 +236,25 @@ class Store:
 
     # ------------------------------------------------------------------ execute
 
-    def start(
-        self, ids: Sequence[int], token: str, worker_id: str, now: float
-    ) -> list[WorkItem]:
+    def start(self, ids: Sequence[int], token: str, worker_id: str, now: float) -> list[WorkItem]:
         """claimed|retrying -> processing for the rows still holding ``token``; returns what
         the attempts need. Rows not returned were reclaimed, cancelled or already done."""
         r, rt, b = t.requests, t.request_templates, t.batches
         with self._tx() as conn:
-            started = conn.execute(
-                update(r)
-                .where(
-                    r.c.id.in_(list(ids)),
-                    r.c.claim_token == token,
-                    r.c.state.in_([S.CLAIMED.value, S.RETRYING.value]),
+            started = (
+                conn.execute(
+                    update(r)
+                    .where(
+                        r.c.id.in_(list(ids)),
+                        r.c.claim_token == token,
+                        r.c.state.in_([S.CLAIMED.value, S.RETRYING.value]),
+                    )
+                    .values(state=S.PROCESSING.value, started_at=now, worker_id=worker_id)
+                    .returning(r.c.id)
                 )
-                .values(state=S.PROCESSING.value, started_at=now, worker_id=worker_id)
-                .returning(r.c.id)
-            ).scalars().all()
+                .scalars()
+                .all()
+            )
             if not started:
                 return []
             rows = conn.execute(
@@ -339,11 +341,15 @@ class Store:
 
     def get_batch_row(self, batch_id: str) -> dict[str, Any]:
         with self._tx() as conn:
-            row = conn.execute(
-                select(t.batches).where(
-                    t.batches.c.id == batch_id, t.batches.c.deleted_at.is_(None)
+            row = (
+                conn.execute(
+                    select(t.batches).where(
+                        t.batches.c.id == batch_id, t.batches.c.deleted_at.is_(None)
+                    )
                 )
-            ).mappings().first()
+                .mappings()
+                .first()
+            )
         if row is None:
             raise NotFound(f"no batch {batch_id!r}")
         return dict(row)
@@ -353,9 +359,7 @@ class Store:
         r = t.requests
         with self._tx() as conn:
             rows = conn.execute(
-                select(r.c.state, func.count())
-                .where(r.c.batch_id == batch_id)
-                .group_by(r.c.state)
+                select(r.c.state, func.count()).where(r.c.batch_id == batch_id).group_by(r.c.state)
             ).all()
         counts = {s.value: 0 for s in S}
         counts.update({state: n for state, n in rows})
@@ -398,7 +402,9 @@ class Store:
         r, b = t.requests, t.batches
         with self._tx() as conn:
             row = conn.execute(
-                select(b.c.id, b.c.cancelling_at).where(b.c.id == batch_id, b.c.deleted_at.is_(None))
+                select(b.c.id, b.c.cancelling_at).where(
+                    b.c.id == batch_id, b.c.deleted_at.is_(None)
+                )
             ).first()
             if row is None:
                 raise NotFound(f"no batch {batch_id!r}")
@@ -429,19 +435,23 @@ class Store:
         wanted = [s.value for s in states]
         while True:
             with self._tx() as conn:
-                page = conn.execute(
-                    select(
-                        r.c.id,
-                        r.c.custom_id,
-                        r.c.state,
-                        r.c.response_status,
-                        r.c.response_body,
-                        r.c.error,
+                page = (
+                    conn.execute(
+                        select(
+                            r.c.id,
+                            r.c.custom_id,
+                            r.c.state,
+                            r.c.response_status,
+                            r.c.response_body,
+                            r.c.error,
+                        )
+                        .where(r.c.batch_id == batch_id, r.c.state.in_(wanted), r.c.id > after)
+                        .order_by(r.c.id)
+                        .limit(chunk)
                     )
-                    .where(r.c.batch_id == batch_id, r.c.state.in_(wanted), r.c.id > after)
-                    .order_by(r.c.id)
-                    .limit(chunk)
-                ).mappings().all()
+                    .mappings()
+                    .all()
+                )
             if not page:
                 return
             for m in page:
@@ -450,9 +460,13 @@ class Store:
 
     def get_file_row(self, file_id: str) -> dict[str, Any]:
         with self._tx() as conn:
-            row = conn.execute(
-                select(t.files).where(t.files.c.id == file_id, t.files.c.deleted_at.is_(None))
-            ).mappings().first()
+            row = (
+                conn.execute(
+                    select(t.files).where(t.files.c.id == file_id, t.files.c.deleted_at.is_(None))
+                )
+                .mappings()
+                .first()
+            )
         if row is None:
             raise NotFound(f"no file {file_id!r}")
         return dict(row)
@@ -462,12 +476,16 @@ class Store:
         after = -1
         while True:
             with self._tx() as conn:
-                page = conn.execute(
-                    select(rt.c.line_number, rt.c.custom_id, rt.c.method, rt.c.url, rt.c.body)
-                    .where(rt.c.file_id == file_id, rt.c.line_number > after)
-                    .order_by(rt.c.line_number)
-                    .limit(chunk)
-                ).mappings().all()
+                page = (
+                    conn.execute(
+                        select(rt.c.line_number, rt.c.custom_id, rt.c.method, rt.c.url, rt.c.body)
+                        .where(rt.c.file_id == file_id, rt.c.line_number > after)
+                        .order_by(rt.c.line_number)
+                        .limit(chunk)
+                    )
+                    .mappings()
+                    .all()
+                )
             if not page:
                 return
             yield from (dict(m) for m in page)
@@ -484,11 +502,15 @@ class Store:
             {"kind": ErrorKind.BATCH_EXPIRED.value, "detail": "batch expired before completion"}
         )
         with self._tx() as conn:
-            ids = conn.execute(
-                select(b.c.id).where(
-                    _ACTIVE_BATCH, b.c.cancelling_at.is_(None), b.c.expires_at + grace_s <= now
+            ids = (
+                conn.execute(
+                    select(b.c.id).where(
+                        _ACTIVE_BATCH, b.c.cancelling_at.is_(None), b.c.expires_at + grace_s <= now
+                    )
                 )
-            ).scalars().all()
+                .scalars()
+                .all()
+            )
             for batch_id in ids:
                 conn.execute(
                     update(r)
@@ -529,7 +551,11 @@ class Store:
                 elif completed == 0 and total > 0:
                     values["failed_at"] = now
                     values["errors"] = json.dumps(
-                        {"data": [{"code": "all_requests_failed", "message": "no request succeeded"}]}
+                        {
+                            "data": [
+                                {"code": "all_requests_failed", "message": "no request succeeded"}
+                            ]
+                        }
                     )
                 else:
                     values["completed_at"] = now
@@ -545,7 +571,10 @@ class Store:
             select(b.c.output_file_id, b.c.error_file_id).where(b.c.id == batch_id)
         ).one()
         values = {}
-        for column, purpose in (("output_file_id", "batch_output"), ("error_file_id", "batch_error")):
+        for column, purpose in (
+            ("output_file_id", "batch_output"),
+            ("error_file_id", "batch_error"),
+        ):
             if row._mapping[column] is None:
                 file_id = "file-" + uuid.uuid4().hex
                 conn.execute(

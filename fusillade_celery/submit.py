@@ -51,9 +51,16 @@ def _check_metadata(metadata: dict[str, Any] | None) -> dict[str, str] | None:
     if metadata is None:
         return None
     if not isinstance(metadata, dict) or len(metadata) > MAX_METADATA_PAIRS:
-        raise InputError(f"must be an object of at most {MAX_METADATA_PAIRS} pairs", field="metadata")
+        raise InputError(
+            f"must be an object of at most {MAX_METADATA_PAIRS} pairs", field="metadata"
+        )
     for key, value in metadata.items():
-        if not isinstance(key, str) or len(key) > 64 or not isinstance(value, str) or len(value) > 512:
+        if (
+            not isinstance(key, str)
+            or len(key) > 64
+            or not isinstance(value, str)
+            or len(value) > 512
+        ):
             raise InputError(
                 "keys are strings of at most 64 characters, values strings of at most 512",
                 field="metadata",
@@ -129,7 +136,7 @@ class Client:
                 "total_requests": state["count"],
                 "created_at": now,
             }
-            file_update = {"bytes": hasher.bytes if hasher else 0}
+            file_update: dict[str, Any] = {"bytes": hasher.bytes if hasher else 0}
             if hasher is not None:
                 file_update["sha256"] = hasher.sha256.hexdigest()
             return batch, file_update
@@ -142,7 +149,9 @@ class Client:
             "owner": owner,
         }
         self.store.submit(file_row, chunks(), make_batch)
-        log.info("batch %s submitted: %d requests, models %s", batch_id, state["count"], sorted(models))
+        log.info(
+            "batch %s submitted: %d requests, models %s", batch_id, state["count"], sorted(models)
+        )
         if self.notify:
             self._nudge_claimer()
         return batch_id

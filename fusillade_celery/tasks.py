@@ -21,7 +21,6 @@ from .queues import queue_for_model
 log = logging.getLogger(__name__)
 
 
-
 def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 

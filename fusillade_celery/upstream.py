@@ -39,7 +39,10 @@ class Outcome:
         return self.kind is None
 
     def error(self) -> dict[str, Any]:
-        err: dict[str, Any] = {"kind": self.kind.value if self.kind else None, "detail": self.detail}
+        err: dict[str, Any] = {
+            "kind": self.kind.value if self.kind else None,
+            "detail": self.detail,
+        }
         if self.status is not None:
             err["status"] = self.status
         return err
@@ -129,9 +132,13 @@ def attempt(session: requests.Session, item: WorkItem, settings: Settings) -> Ou
         body = resp.text
     except requests.Timeout as exc:
         return Outcome(ErrorKind.TIMEOUT, detail=_short(exc))
-    except (requests.exceptions.InvalidURL, requests.exceptions.InvalidHeader,
-            requests.exceptions.MissingSchema, requests.exceptions.InvalidSchema,
-            ValueError) as exc:
+    except (
+        requests.exceptions.InvalidURL,
+        requests.exceptions.InvalidHeader,
+        requests.exceptions.MissingSchema,
+        requests.exceptions.InvalidSchema,
+        ValueError,
+    ) as exc:
         return Outcome(ErrorKind.BUILDER_ERROR, detail=_short(exc))
     except requests.RequestException as exc:
         return Outcome(ErrorKind.NETWORK_ERROR, detail=_short(exc))

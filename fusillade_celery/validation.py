@@ -23,6 +23,7 @@ SUPPORTED_ENDPOINTS = frozenset(
         "/v1/moderations",
     }
 )
+_SUPPORTED = "supported: " + ", ".join(sorted(SUPPORTED_ENDPOINTS))
 MAX_CUSTOM_ID = 64
 MAX_MODEL_NAME = 256
 
@@ -64,10 +65,7 @@ def parse_lines(
 ) -> Iterator[ParsedLine]:
     """Yield validated lines; raise :class:`InputError` at the first bad one."""
     if endpoint is not None and endpoint not in SUPPORTED_ENDPOINTS:
-        raise InputError(
-            f"unsupported endpoint {endpoint!r}; supported: {', '.join(sorted(SUPPORTED_ENDPOINTS))}",
-            field="endpoint",
-        )
+        raise InputError(f"unsupported endpoint {endpoint!r}; {_SUPPORTED}", field="endpoint")
     seen: set[str] = set()
     expected_url = endpoint
     count = 0
@@ -102,8 +100,7 @@ def _objects(source: Source | ByteLines, limits: Limits) -> Iterator[tuple[int, 
     elif hasattr(source, "read"):
         yield from _objects_from_bytes(_as_bytes(source), limits)  # type: ignore[arg-type]
     else:
-        for index, obj in enumerate(source, start=1):  # type: ignore[arg-type]
-            yield index, obj
+        yield from enumerate(source, start=1)
 
 
 def _as_bytes(lines: Iterable[bytes | str]) -> Iterator[bytes]:
@@ -136,7 +133,9 @@ def _objects_from_bytes(fh: Iterable[bytes], limits: Limits) -> Iterator[tuple[i
         try:
             obj = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise InputError(f"not valid JSON: {exc.msg} (column {exc.colno})", line=line_number) from None
+            raise InputError(
+                f"not valid JSON: {exc.msg} (column {exc.colno})", line=line_number
+            ) from None
         yield line_number, obj
 
 
@@ -159,11 +158,11 @@ def _check(obj: Any, line: int, seen: set[str], expected_url: str | None) -> Par
     seen.add(custom_id)
     method = obj.get("method")
     if method != "POST":
-        raise InputError(f"must be \"POST\", got {method!r}", line=line, field="method")
+        raise InputError(f'must be "POST", got {method!r}', line=line, field="method")
     url = obj.get("url")
     if not isinstance(url, str) or url not in SUPPORTED_ENDPOINTS:
         raise InputError(
-            f"unsupported endpoint {url!r}; supported: {', '.join(sorted(SUPPORTED_ENDPOINTS))}",
+            f"unsupported endpoint {url!r}; {_SUPPORTED}",
             line=line,
             field="url",
         )

@@ -95,7 +95,9 @@ def store(client: Client) -> Store:
     return client.store
 
 
-def line(custom_id: str, model: str = "m1", url: str = "/v1/chat/completions", **body: object) -> dict:
+def line(
+    custom_id: str, model: str = "m1", url: str = "/v1/chat/completions", **body: object
+) -> dict:
     """One OpenAI batch input line."""
     return {
         "custom_id": custom_id,

@@ -88,8 +88,22 @@ def postgres_server() -> Iterator[str]:
         capture_output=True,
     )
     proc = subprocess.Popen(
-        [*user, f"{bindir}/postgres", "-D", f"{tmp}/data", "-p", str(port), "-k", tmp,
-         "-c", "listen_addresses=127.0.0.1", "-c", "max_connections=300", "-c", "fsync=off"],
+        [
+            *user,
+            f"{bindir}/postgres",
+            "-D",
+            f"{tmp}/data",
+            "-p",
+            str(port),
+            "-k",
+            tmp,
+            "-c",
+            "listen_addresses=127.0.0.1",
+            "-c",
+            "max_connections=300",
+            "-c",
+            "fsync=off",
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

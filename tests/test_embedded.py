@@ -24,7 +24,10 @@ CLI = [sys.executable, "-m", "fusillade_celery.cli"]
 
 def test_run_batch_in_process(sqlite_url: str, mock: MockUpstream) -> None:
     settings = Settings().replace(
-        database_url=sqlite_url, upstream_url=mock.url, upstream_api_key="k", backoff_ms=50,
+        database_url=sqlite_url,
+        upstream_url=mock.url,
+        upstream_api_key="k",
+        backoff_ms=50,
         model_limits={"a": 4, "b": 2},
     )
     client = Client(settings)
@@ -32,7 +35,9 @@ def test_run_batch_in_process(sqlite_url: str, mock: MockUpstream) -> None:
     lines.append(line("flaky", model="a", mock_statuses=[503, 503, 200]))
     batch_id = client.submit_batch(lines)
     seen: list[int] = []
-    batch = run_batch(client, batch_id, on_progress=lambda b: seen.append(b["request_counts"]["completed"]))
+    batch = run_batch(
+        client, batch_id, on_progress=lambda b: seen.append(b["request_counts"]["completed"])
+    )
     assert batch["status"] == "completed"
     assert batch["request_counts"] == {"total": 41, "completed": 41, "failed": 0}
     assert mock.state.by_custom_id["flaky"] == 3
@@ -62,7 +67,9 @@ def _completed(db: Path) -> int:
         return 0
     with sqlite3.connect(db) as conn:
         try:
-            return int(conn.execute("SELECT count(*) FROM requests WHERE state='completed'").fetchone()[0])
+            return int(
+                conn.execute("SELECT count(*) FROM requests WHERE state='completed'").fetchone()[0]
+            )
         except sqlite3.OperationalError:
             return 0
 
@@ -73,10 +80,17 @@ def test_cli_run_resumes_after_ctrl_c(tmp_path: Path) -> None:
         src = tmp_path / "in.jsonl"
         src.write_text("".join(json.dumps(line(f"r{i:03d}")) + "\n" for i in range(300)))
         db = tmp_path / "state.sqlite3"
-        env = {**os.environ, "FUSILLADE_DATABASE_URL": f"sqlite:///{db}", "FUSILLADE_UPSTREAM_URL": url,
-               "FUSILLADE_UPSTREAM_API_KEY": "sk-cli-key", "FUSILLADE_MODEL_LIMITS": "m1=10"}
+        env = {
+            **os.environ,
+            "FUSILLADE_DATABASE_URL": f"sqlite:///{db}",
+            "FUSILLADE_UPSTREAM_URL": url,
+            "FUSILLADE_UPSTREAM_API_KEY": "sk-cli-key",
+            "FUSILLADE_MODEL_LIMITS": "m1=10",
+        }
         env.pop("FUSILLADE_BROKER_URL", None)
-        first = subprocess.Popen([*CLI, "run", str(src)], env=env, stderr=subprocess.PIPE, text=True)
+        first = subprocess.Popen(
+            [*CLI, "run", str(src)], env=env, stderr=subprocess.PIPE, text=True
+        )
         wait_for(lambda: _completed(db) >= 40, 60, what="the first run to make progress")
         first.send_signal(signal.SIGINT)
         _, err = first.communicate(timeout=30)
@@ -84,7 +98,9 @@ def test_cli_run_resumes_after_ctrl_c(tmp_path: Path) -> None:
         assert "run the same command again to resume" in err
         done_before = _completed(db)
         assert 40 <= done_before < 300
-        second = subprocess.run([*CLI, "run", str(src)], env=env, capture_output=True, text=True, timeout=120)
+        second = subprocess.run(
+            [*CLI, "run", str(src)], env=env, capture_output=True, text=True, timeout=120
+        )
         assert second.returncode == 0, second.stderr
         assert "resuming batch_" in second.stderr
         out = [json.loads(x) for x in (tmp_path / "in.output.jsonl").read_text().splitlines()]
@@ -98,8 +114,12 @@ def test_cli_run_resumes_after_ctrl_c(tmp_path: Path) -> None:
 
 def test_demo_runs_a_real_batch_of_two_models(tmp_path: Path) -> None:
     out_dir = tmp_path / "demo"
-    res = subprocess.run([*CLI, "demo", "--out", str(out_dir), "--requests", "1000"],
-                         capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [*CLI, "demo", "--out", str(out_dir), "--requests", "1000"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr
     summary = json.loads(res.stdout)
     assert summary["status"] == "completed"

@@ -38,7 +38,9 @@ def run_claimed(store: Store, settings: Settings, rec: Recorder) -> list:
     reports = []
     while rec.messages:
         _, token, ids = rec.messages.pop(0)
-        reports.append(execute(store, settings, get_session(), token, ids, "w1", rec.schedule_retry))
+        reports.append(
+            execute(store, settings, get_session(), token, ids, "w1", rec.schedule_retry)
+        )
     return reports
 
 
@@ -46,7 +48,9 @@ def states(store: Store, batch_id: str) -> dict[str, str]:
     return {r["custom_id"]: r["state"] for r in store.request_rows(batch_id)}
 
 
-def test_completes_and_sends_the_headers(client: Client, settings: Settings, mock: MockUpstream) -> None:
+def test_completes_and_sends_the_headers(
+    client: Client, settings: Settings, mock: MockUpstream
+) -> None:
     batch_id = client.submit_batch([line("a"), line("b")], metadata={"x": "y"})
     rec = Recorder()
     assert claimer.claim_all(client.store, settings, rec.publish) == {"m1": 2}
@@ -67,7 +71,9 @@ def test_completes_and_sends_the_headers(client: Client, settings: Settings, moc
     assert out[0]["response"]["body"]["choices"][0]["message"]["content"] == "reply to a (call 1)"
 
 
-def test_no_authorization_header_when_the_key_is_empty(client: Client, settings: Settings, mock: MockUpstream) -> None:
+def test_no_authorization_header_when_the_key_is_empty(
+    client: Client, settings: Settings, mock: MockUpstream
+) -> None:
     client.submit_batch([line("a")], upstream=mock.url)  # batch-level upstream, no key
     rec = Recorder()
     claimer.claim_all(client.store, settings, rec.publish)
@@ -75,13 +81,17 @@ def test_no_authorization_header_when_the_key_is_empty(client: Client, settings:
     assert "authorization" not in mock.state.log[0]["headers"]
 
 
-def test_stale_and_duplicate_messages_change_nothing(client: Client, settings: Settings, mock: MockUpstream) -> None:
+def test_stale_and_duplicate_messages_change_nothing(
+    client: Client, settings: Settings, mock: MockUpstream
+) -> None:
     batch_id = client.submit_batch([line("a")])
     rec = Recorder()
     claimer.claim_all(client.store, settings, rec.publish)
     _, token, ids = rec.messages[0]
     # a message with a wrong token: nothing starts, no upstream call
-    report = execute(client.store, settings, get_session(), "not-the-token", ids, "w1", rec.schedule_retry)
+    report = execute(
+        client.store, settings, get_session(), "not-the-token", ids, "w1", rec.schedule_retry
+    )
     assert (report.started, report.stale, mock.state.calls) == (0, 1, 0)
     # the real one completes; a duplicate delivery of it afterwards does nothing
     execute(client.store, settings, get_session(), token, ids, "w1", rec.schedule_retry)
@@ -93,7 +103,10 @@ def test_stale_and_duplicate_messages_change_nothing(client: Client, settings: S
     from fusillade_celery.states import RequestState
     from fusillade_celery.store import Finish
 
-    assert client.store.finish([Finish(ids[0], RequestState.FAILED, 500, "late")], token, time.time()) == 0
+    assert (
+        client.store.finish([Finish(ids[0], RequestState.FAILED, 500, "late")], token, time.time())
+        == 0
+    )
     assert client.store.request_rows(batch_id)[0]["state"] == "completed"
 
 
@@ -114,7 +127,11 @@ def test_outcomes_are_classified(client: Client, settings: Settings, mock: MockU
     assert rows["ok"]["state"] == "completed"
     assert rows["bad"]["state"] == "failed"
     assert json.loads(rows["bad"]["error"])["kind"] == "non_retriable_http_status"
-    for cid, kind in (("busy", "retriable_http_status"), ("reset", "network_error"), ("slow", "timeout")):
+    for cid, kind in (
+        ("busy", "retriable_http_status"),
+        ("reset", "network_error"),
+        ("slow", "timeout"),
+    ):
         assert rows[cid]["state"] == "retrying", cid
         assert json.loads(rows[cid]["error"])["kind"] == kind
         assert rows[cid]["attempt"] == 1
@@ -135,7 +152,9 @@ def test_retry_is_denied_at_the_deadline(client: Client, settings: Settings) -> 
     assert error["kind"] == "retriable_http_status" and error["retries_exhausted"]
 
 
-def test_claim_respects_the_limit_and_the_deadline_order(client: Client, settings: Settings) -> None:
+def test_claim_respects_the_limit_and_the_deadline_order(
+    client: Client, settings: Settings
+) -> None:
     limited = settings.replace(model_limits={"m1": 3})
     late = client.submit_batch([line(f"late{i}") for i in range(3)], completion_window="2h")
     early = client.submit_batch([line(f"early{i}") for i in range(3)], completion_window="1h")
@@ -152,7 +171,9 @@ def test_claim_respects_the_limit_and_the_deadline_order(client: Client, setting
     assert len(tokens) == 1  # one fresh token per claim statement
 
 
-def test_escalation_routes_urgent_rows_to_the_escalation_model(client: Client, settings: Settings) -> None:
+def test_escalation_routes_urgent_rows_to_the_escalation_model(
+    client: Client, settings: Settings
+) -> None:
     from fusillade_celery.settings import Escalation
 
     esc = settings.replace(escalations={"m1": Escalation("m1-fast", 3600)})
@@ -160,7 +181,12 @@ def test_escalation_routes_urgent_rows_to_the_escalation_model(client: Client, s
     relaxed = client.submit_batch([line("r")], completion_window="24h")
     rec = Recorder()
     claimer.claim_all(client.store, esc, rec.publish)
-    routed = {client.store.request_rows(b)[0]["custom_id"]: client.store.request_rows(b)[0]["routed_model"] for b in (urgent, relaxed)}
+    routed = {
+        client.store.request_rows(b)[0]["custom_id"]: client.store.request_rows(b)[0][
+            "routed_model"
+        ]
+        for b in (urgent, relaxed)
+    }
     assert routed == {"u": "m1-fast", "r": "m1"}
     assert sorted(r for r, _, _ in rec.messages) == ["m1", "m1-fast"]
 
@@ -190,14 +216,18 @@ def test_all_failed_batch_reads_failed(client: Client, settings: Settings) -> No
     assert client.get_batch(batch_id)["status"] == "failed"
 
 
-def test_expiry_keeps_finished_results_and_fails_the_rest(client: Client, settings: Settings) -> None:
+def test_expiry_keeps_finished_results_and_fails_the_rest(
+    client: Client, settings: Settings
+) -> None:
     batch_id = client.submit_batch([line("done"), line("late")], completion_window="1s")
     rec = Recorder()
     client.store.claim("m1", "m1", limit=1, batch_size=1, now=time.time())  # "done" in flight...
     token, claimed = client.store.claim("m1", "m1", limit=10, batch_size=1, now=time.time())
     rows = client.store.request_rows(batch_id)
     first_token = rows[0]["claim_token"]
-    execute(client.store, settings, get_session(), first_token, [rows[0]["id"]], "w", rec.schedule_retry)
+    execute(
+        client.store, settings, get_session(), first_token, [rows[0]["id"]], "w", rec.schedule_retry
+    )
     maintenance.finalize(client.store, settings, now=time.time() + 2)
     batch = client.get_batch(batch_id)
     assert batch["status"] == "expired"
@@ -205,7 +235,15 @@ def test_expiry_keeps_finished_results_and_fails_the_rest(client: Client, settin
     errors = list(client.iter_results(batch_id, errors=True))
     assert [(e["custom_id"], e["error"]["code"]) for e in errors] == [("late", "batch_expired")]
     # the in-flight attempt of "late" finishing now cannot overwrite the expiry
-    report = execute(client.store, settings, get_session(), token, [c.id for c in claimed], "w", rec.schedule_retry)
+    report = execute(
+        client.store,
+        settings,
+        get_session(),
+        token,
+        [c.id for c in claimed],
+        "w",
+        rec.schedule_retry,
+    )
     assert report.started == 0
 
 
@@ -235,4 +273,9 @@ def test_reaper_returns_orphans_with_a_new_token(client: Client, settings: Setti
     token2, _ = client.store.claim("m1", "m1", limit=5, batch_size=5, now=time.time())
     assert token2 != token
     rec = Recorder()
-    assert execute(client.store, settings, get_session(), token, [claimed[0].id], "w", rec.schedule_retry).started == 0
+    assert (
+        execute(
+            client.store, settings, get_session(), token, [claimed[0].id], "w", rec.schedule_retry
+        ).started
+        == 0
+    )

@@ -7,7 +7,13 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect
 
 from fusillade_celery.db import get_engine
-from fusillade_celery.migrate import current_revision, downgrade, ensure_schema, head_revision, upgrade
+from fusillade_celery.migrate import (
+    current_revision,
+    downgrade,
+    ensure_schema,
+    head_revision,
+    upgrade,
+)
 from fusillade_celery.schema import metadata
 
 from . import services
@@ -30,7 +36,11 @@ def test_migrations_match_declared_metadata_and_downgrade(pg_admin: str, tmp_pat
             assert current_revision(engine) == head_revision(engine)
             assert _diff(engine) == [], f"schema drift on {engine.dialect.name}"
             indexes = {i["name"] for i in inspect(engine).get_indexes("requests")}
-            assert {"ix_requests_pending", "ix_requests_in_flight", "ix_requests_batch_state"} <= indexes
+            assert {
+                "ix_requests_pending",
+                "ix_requests_in_flight",
+                "ix_requests_batch_state",
+            } <= indexes
             downgrade(engine)
             assert set(inspect(engine).get_table_names()) <= {"alembic_version"}
             ensure_schema(engine) if engine.dialect.name == "sqlite" else upgrade(engine)
@@ -47,7 +57,9 @@ def test_unmigrated_server_database_gives_a_clear_error(pg_admin: str) -> None:
 
     name = services.create_database(pg_admin)
     try:
-        engine = get_engine(services.with_db(pg_admin, name).replace("postgresql://", "postgresql+psycopg://"))
+        engine = get_engine(
+            services.with_db(pg_admin, name).replace("postgresql://", "postgresql+psycopg://")
+        )
         with pytest.raises(SchemaError, match="fusillade-celery migrate"):
             ensure_schema(engine)
         engine.dispose()

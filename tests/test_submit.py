@@ -30,7 +30,9 @@ def jsonl(*objs: object) -> bytes:
     return b"".join(json.dumps(o).encode() + b"\n" for o in objs)
 
 
-def test_accepts_a_path_a_binary_stream_a_text_stream_and_dicts(client: Client, tmp_path: Path) -> None:
+def test_accepts_a_path_a_binary_stream_a_text_stream_and_dicts(
+    client: Client, tmp_path: Path
+) -> None:
     data = jsonl(line("a"), line("b", model="m2"))
     path = tmp_path / "in.jsonl"
     path.write_bytes(data)
@@ -69,7 +71,13 @@ BAD_INPUTS = [
     ("not json", jsonl(line("a")) + b"{not json}\n", 2, None, "not valid JSON"),
     ("not utf-8", jsonl(line("a")) + b'{"custom_id": "\xff"}\n', 2, None, "UTF-8"),
     ("not an object", jsonl(line("a")) + b"[1, 2]\n", 2, None, "JSON object"),
-    ("missing custom_id", jsonl(line("a"), {k: v for k, v in line("b").items() if k != "custom_id"}), 2, "custom_id", "required"),
+    (
+        "missing custom_id",
+        jsonl(line("a"), {k: v for k, v in line("b").items() if k != "custom_id"}),
+        2,
+        "custom_id",
+        "required",
+    ),
     ("custom_id not a string", jsonl({**line("a"), "custom_id": 5}), 1, "custom_id", "string"),
     ("custom_id too long", jsonl(line("a" * 65)), 1, "custom_id", "64"),
     ("duplicate custom_id", jsonl(line("a"), line("b"), line("a")), 3, "custom_id", "duplicate"),
@@ -77,16 +85,37 @@ BAD_INPUTS = [
     ("unsupported url", jsonl(line("a", url="/v1/images")), 1, "url", "unsupported"),
     ("mixed urls", jsonl(line("a"), line("b", url="/v1/embeddings")), 2, "url", "one endpoint"),
     ("body not an object", jsonl({**line("a"), "body": "hi"}), 1, "body", "object"),
-    ("model missing", jsonl(line("a"), {**line("b"), "body": {"messages": []}}), 2, "body.model", "required"),
+    (
+        "model missing",
+        jsonl(line("a"), {**line("b"), "body": {"messages": []}}),
+        2,
+        "body.model",
+        "required",
+    ),
     ("model with spaces", jsonl(line("a", model="gpt 4")), 1, "body.model", "valid model"),
-    ("oversized line", jsonl(line("a"), line("b", content=BIG)), 2, None, "FUSILLADE_MAX_LINE_BYTES"),
+    (
+        "oversized line",
+        jsonl(line("a"), line("b", content=BIG)),
+        2,
+        None,
+        "FUSILLADE_MAX_LINE_BYTES",
+    ),
     ("empty file", b"\n\n", None, None, "no requests"),
 ]
 
 
-@pytest.mark.parametrize(("raw", "line_no", "field", "fragment"), [c[1:] for c in BAD_INPUTS], ids=[c[0] for c in BAD_INPUTS])
+@pytest.mark.parametrize(
+    ("raw", "line_no", "field", "fragment"),
+    [c[1:] for c in BAD_INPUTS],
+    ids=[c[0] for c in BAD_INPUTS],
+)
 def test_bad_input_is_refused_naming_the_line_and_leaves_no_rows(
-    client: Client, tmp_path: Path, raw: bytes, line_no: int | None, field: str | None, fragment: str
+    client: Client,
+    tmp_path: Path,
+    raw: bytes,
+    line_no: int | None,
+    field: str | None,
+    fragment: str,
 ) -> None:
     client.settings = client.settings.replace(max_line_bytes=1024)
     client.submit_batch([line("keep")])  # an earlier, valid batch must stay as it is
@@ -153,11 +182,15 @@ def test_cli_refuses_bad_input_with_one_line_and_exit_2(
     path.write_bytes(jsonl(line("a"), line("a")))
     assert main(["submit", str(path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["fusillade-celery: error: invalid input: line 2, field 'custom_id': duplicate custom_id 'a'"]
+    assert err == [
+        "fusillade-celery: error: invalid input: line 2, field 'custom_id': duplicate custom_id 'a'"
+    ]
     assert row_counts(cli_env)["batches"] == 0
 
 
-def test_cli_submit_status_results_cancel(cli_env: Client, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_submit_status_results_cancel(
+    cli_env: Client, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     path = tmp_path / "ok.jsonl"
     path.write_bytes(jsonl(line("a"), line("b")))
     assert main(["submit", str(path), "--metadata", "k=v"]) == 0
@@ -175,7 +208,13 @@ def test_cli_submit_status_results_cancel(cli_env: Client, tmp_path: Path, capsy
     assert "no batch 'batch_nope'" in capsys.readouterr().err
 
 
-def test_cli_bad_configuration_is_one_line(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_bad_configuration_is_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setenv("FUSILLADE_MODEL_LIMITS", "gpt-4")
     assert main(["status", "batch_x"]) == 2
-    assert capsys.readouterr().err.strip().startswith("fusillade-celery: error: configuration: FUSILLADE_MODEL_LIMITS")
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .startswith("fusillade-celery: error: configuration: FUSILLADE_MODEL_LIMITS")
+    )

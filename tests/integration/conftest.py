@@ -117,7 +117,9 @@ def cluster(
     queues = ",".join(f"model.{m}" for m in MODELS)
     procs: dict[str, subprocess.Popen[bytes]] = {}
     procs["beat"] = _celery(
-        ["beat", "-l", "info", "--schedule", str(log_dir / "beat-schedule")], env, log_dir / "beat.log"
+        ["beat", "-l", "info", "--schedule", str(log_dir / "beat-schedule")],
+        env,
+        log_dir / "beat.log",
     )
     for name in ("w1", "w2"):
         procs[name] = _celery(

@@ -78,7 +78,9 @@ def test_always_503_fails_by_the_deadline_without_calls_after_expiry(cluster: Cl
     for cid, cs in calls.items():
         assert all(c["start"] < expires_at for c in cs), cid
     time.sleep(1.0)  # no straggler retry lands after the batch ended
-    assert sum(len(c) for c in cluster.calls_for("dl-").values()) == sum(len(c) for c in calls.values())
+    assert sum(len(c) for c in cluster.calls_for("dl-").values()) == sum(
+        len(c) for c in calls.values()
+    )
     errors = list(cluster.client.iter_results(batch_id, errors=True))
     assert {e["error"]["code"] for e in errors} == {"retriable_http_status"}
 
@@ -99,7 +101,8 @@ def test_headers_reach_the_upstream_and_the_key_stays_secret(cluster: Cluster) -
     mon.start()
     time.sleep(0.3)
     batch_id = cluster.client.submit_batch(
-        [line(f"hd-{i}", model="m1") for i in range(10)] + [line("hd-fail", model="m1", mock_statuses=[401])]
+        [line(f"hd-{i}", model="m1") for i in range(10)]
+        + [line("hd-fail", model="m1", mock_statuses=[401])]
     )
     cluster.wait_done(batch_id, 60)
     stop.set()
@@ -174,10 +177,14 @@ def test_cancel_stops_new_calls_and_keeps_finished_results(cluster: Cluster) -> 
     assert batch["status"] == "cancelled"
     counts = batch["request_counts"]
     assert counts["completed"] >= 10 and counts["completed"] + counts["failed"] == 200
-    late = [c for cs in cluster.calls_for("cx-").values() for c in cs if c["start"] > cancel_at + 0.5]
+    late = [
+        c for cs in cluster.calls_for("cx-").values() for c in cs if c["start"] > cancel_at + 0.5
+    ]
     assert late == [], "no upstream call may start after the cancel"
     assert len(list(cluster.client.iter_results(batch_id))) == counts["completed"]
-    assert {e["error"]["code"] for e in cluster.client.iter_results(batch_id, errors=True)} == {"batch_cancelled"}
+    assert {e["error"]["code"] for e in cluster.client.iter_results(batch_id, errors=True)} == {
+        "batch_cancelled"
+    }
 
 
 def test_cli_run_follows_a_distributed_batch(cluster: Cluster, tmp_path: Path) -> None:
@@ -185,7 +192,10 @@ def test_cli_run_follows_a_distributed_batch(cluster: Cluster, tmp_path: Path) -
     src.write_text("".join(json.dumps(line(f"cli-{i}", model="m1")) + "\n" for i in range(20)))
     res = subprocess.run(
         [sys.executable, "-m", "fusillade_celery.cli", "run", str(src)],
-        env=cluster.env, capture_output=True, text=True, timeout=120,
+        env=cluster.env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert res.returncode == 0, res.stderr
     assert "completed: 20 completed, 0 failed" in res.stdout
@@ -197,3 +207,49 @@ def test_settings_in_the_cluster_env_parse(cluster: Cluster) -> None:
     s: Any = Settings.from_env(cluster.env)
     assert s.limit_for("limited") == 5 and not s.embedded
     assert os.environ.get("FUSILLADE_BROKER_URL") is None  # the test process env is untouched
+
+
+def test_flower_shows_tasks_with_ids_only(cluster: Cluster) -> None:
+    import requests
+
+    from ..services import free_port
+
+    port = free_port()
+    env = {**cluster.env, "FLOWER_UNAUTHENTICATED_API": "true"}
+    log = (cluster.log_dir / "flower.log").open("wb")
+    flower = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "fusillade_celery",
+            "flower",
+            f"--port={port}",
+            "--address=127.0.0.1",
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    log.close()
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_for(lambda: requests.get(base + "/api/workers", timeout=2).ok, 30, what="flower")
+        batch_id = cluster.client.submit_batch([line(f"fl-{i}", model="m1") for i in range(5)])
+        cluster.wait_done(batch_id, 60)
+        tasks = wait_for(
+            lambda: [
+                t
+                for t in requests.get(base + "/api/tasks", timeout=5).json().values()
+                if t.get("name") == "fusillade.execute" and t.get("state") == "SUCCESS"
+            ],
+            30,
+            what="flower to list execute tasks",
+        )
+        shown = json.dumps(tasks)
+        assert "'m1'" in shown  # args are (model, token, [ids])
+        assert API_KEY not in shown and "messages" not in shown
+    finally:
+        flower.terminate()
+        flower.wait(20)

@@ -12,7 +12,9 @@ from fusillade_celery.settings import Settings
 S = Settings().replace(backoff_ms=1000, backoff_factor=2, max_backoff_ms=10000, max_retries=5)
 
 
-@pytest.mark.parametrize(("attempt", "expected"), [(0, 1.0), (1, 2.0), (2, 4.0), (3, 8.0), (4, 10.0), (9, 10.0)])
+@pytest.mark.parametrize(
+    ("attempt", "expected"), [(0, 1.0), (1, 2.0), (2, 4.0), (3, 8.0), (4, 10.0), (9, 10.0)]
+)
 def test_backoff_follows_the_formula_and_is_capped(attempt: int, expected: float) -> None:
     assert backoff_s(attempt, S) == expected
 
@@ -43,7 +45,11 @@ def test_queue_names() -> None:
 
 def test_beat_schedule_has_every_periodic_task_with_expiry() -> None:
     sched = beat_schedule(Settings().replace(claim_interval_ms=500, claim_timeout_ms=8000))
-    assert {e["task"] for e in sched.values()} == {"fusillade.claim", "fusillade.finalize", "fusillade.reap"}
+    assert {e["task"] for e in sched.values()} == {
+        "fusillade.claim",
+        "fusillade.finalize",
+        "fusillade.reap",
+    }
     assert sched["fusillade-claim"]["schedule"] == 0.5
     assert sched["fusillade-reap"]["schedule"] == 2.0
     for entry in sched.values():

@@ -15,10 +15,18 @@ def test_every_field_has_an_env_var_and_a_doc() -> None:
         assert "FUSILLADE_" + f.name.upper() in names
         assert f.metadata["doc"]
     for required in (
-        "FUSILLADE_DATABASE_URL", "FUSILLADE_BROKER_URL", "FUSILLADE_UPSTREAM_URL",
-        "FUSILLADE_UPSTREAM_API_KEY", "FUSILLADE_MODEL_LIMITS", "FUSILLADE_DEFAULT_MODEL_LIMIT",
-        "FUSILLADE_BACKOFF_MS", "FUSILLADE_MAX_BACKOFF_MS", "FUSILLADE_BACKOFF_FACTOR",
-        "FUSILLADE_MAX_RETRIES", "FUSILLADE_STOP_BEFORE_DEADLINE_MS", "FUSILLADE_TIMEOUT_MS",
+        "FUSILLADE_DATABASE_URL",
+        "FUSILLADE_BROKER_URL",
+        "FUSILLADE_UPSTREAM_URL",
+        "FUSILLADE_UPSTREAM_API_KEY",
+        "FUSILLADE_MODEL_LIMITS",
+        "FUSILLADE_DEFAULT_MODEL_LIMIT",
+        "FUSILLADE_BACKOFF_MS",
+        "FUSILLADE_MAX_BACKOFF_MS",
+        "FUSILLADE_BACKOFF_FACTOR",
+        "FUSILLADE_MAX_RETRIES",
+        "FUSILLADE_STOP_BEFORE_DEADLINE_MS",
+        "FUSILLADE_TIMEOUT_MS",
     ):
         assert required in names
 
@@ -52,7 +60,9 @@ def test_parses_structured_values() -> None:
     assert s.limit_for("gpt-4") == 8 and s.limit_for("other") == 10
     assert 429 in s.retry_statuses and 404 not in s.retry_statuses
     assert not s.embedded
-    assert s.escalations["gpt-4"].model == "gpt-4-fast" and s.escalations["gpt-4"].threshold_s == 600
+    assert (
+        s.escalations["gpt-4"].model == "gpt-4-fast" and s.escalations["gpt-4"].threshold_s == 600
+    )
     assert s.escalations["small"].threshold_s == 900
     route = s.route_for("gpt-4")
     assert route is not None and route.url == "http://a" and route.api_key == ""  # env not read
@@ -61,7 +71,9 @@ def test_parses_structured_values() -> None:
 
 def test_route_key_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MY_KEY", "sk-from-env")
-    s = Settings.from_env({"FUSILLADE_ROUTES": '{"m": {"url": "http://a", "api_key_env": "MY_KEY"}}'})
+    s = Settings.from_env(
+        {"FUSILLADE_ROUTES": '{"m": {"url": "http://a", "api_key_env": "MY_KEY"}}'}
+    )
     assert s.route_for("m").api_key == "sk-from-env"  # type: ignore[union-attr]
     assert s.route_for("unknown") is None
 

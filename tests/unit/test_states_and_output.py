@@ -34,8 +34,14 @@ def test_batch_status_follows_the_latest_milestone() -> None:
 def test_output_line_has_the_openai_shape() -> None:
     body = {"id": "chatcmpl-1", "choices": []}
     out = result_line(
-        {"id": 7, "custom_id": "a", "state": "completed", "response_status": 200,
-         "response_body": json.dumps(body), "error": None}
+        {
+            "id": 7,
+            "custom_id": "a",
+            "state": "completed",
+            "response_status": 200,
+            "response_body": json.dumps(body),
+            "error": None,
+        }
     )
     assert out == {
         "id": "batch_req_7",
@@ -47,23 +53,40 @@ def test_output_line_has_the_openai_shape() -> None:
 
 def test_error_lines_carry_code_and_message() -> None:
     http = result_line(
-        {"id": 8, "custom_id": "b", "state": "failed", "response_status": 400,
-         "response_body": '{"error": "bad"}',
-         "error": json.dumps({"kind": "non_retriable_http_status", "detail": "HTTP 400"})}
+        {
+            "id": 8,
+            "custom_id": "b",
+            "state": "failed",
+            "response_status": 400,
+            "response_body": '{"error": "bad"}',
+            "error": json.dumps({"kind": "non_retriable_http_status", "detail": "HTTP 400"}),
+        }
     )
     assert http["response"]["status_code"] == 400
     assert http["error"] == {"code": "non_retriable_http_status", "message": "HTTP 400"}
     expired = result_line(
-        {"id": 9, "custom_id": "c", "state": "failed", "response_status": None,
-         "response_body": None, "error": json.dumps({"kind": "batch_expired", "detail": "late"})}
+        {
+            "id": 9,
+            "custom_id": "c",
+            "state": "failed",
+            "response_status": None,
+            "response_body": None,
+            "error": json.dumps({"kind": "batch_expired", "detail": "late"}),
+        }
     )
     assert expired["response"] is None and expired["error"]["code"] == "batch_expired"
 
 
 def test_batch_object_counts_canceled_as_failed() -> None:
     row = {
-        "id": "batch_1", "endpoint": "/v1/embeddings", "file_id": "file-1", "completion_window": "24h",
-        "total_requests": 5, "created_at": 10.5, "expires_at": 100.0, "metadata": '{"k": "v"}',
+        "id": "batch_1",
+        "endpoint": "/v1/embeddings",
+        "file_id": "file-1",
+        "completion_window": "24h",
+        "total_requests": 5,
+        "created_at": 10.5,
+        "expires_at": 100.0,
+        "metadata": '{"k": "v"}',
     }
     obj = batch_object(row, {"completed": 2, "failed": 1, "canceled": 1, "pending": 1})
     assert obj["object"] == "batch" and obj["status"] == "validating"
