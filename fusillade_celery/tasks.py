@@ -12,13 +12,21 @@ import socket
 from collections.abc import Sequence
 from typing import Any
 
-from celery import Task
+from celery import Task, signals
 
 from . import claimer, execute, maintenance, upstream
 from .app import app, get_settings, get_store
 from .queues import queue_for_model
 
 log = logging.getLogger(__name__)
+
+
+@signals.celeryd_init.connect
+def _size_http_pool(options: dict[str, Any] | None = None, **_: Any) -> None:
+    """One kept-alive upstream connection per concurrent task of this worker (``-c``)."""
+    concurrency = (options or {}).get("concurrency")
+    if concurrency:
+        upstream.POOL_SIZE["size"] = max(int(concurrency), 1)
 
 
 def worker_id() -> str:

@@ -6,6 +6,7 @@ upstream are reused across tasks (keep-alive) instead of a TCP handshake per req
 
 from __future__ import annotations
 
+import os
 import threading
 import urllib.parse
 from dataclasses import dataclass
@@ -18,7 +19,6 @@ from .settings import Settings
 from .states import ErrorKind
 from .store import WorkItem
 
-_local = threading.local()
 _session_lock = threading.Lock()
 _shared: dict[int, requests.Session] = {}
 MAX_ERROR_BODY = 4096
@@ -48,11 +48,15 @@ class Outcome:
         return err
 
 
-def get_session(pool_size: int = 64) -> requests.Session:
+#: Connections kept per upstream host: the worker's ``-c`` once the worker has started
+#: (``tasks.py`` records it), so every concurrent task can hold a kept-alive connection.
+POOL_SIZE = {"size": 64}
+
+
+def get_session() -> requests.Session:
     """The process's shared session (requests.Session is safe for concurrent sends of
     independent requests; its adapter pool is what bounds connections per host)."""
-    import os
-
+    pool_size = POOL_SIZE["size"]
     pid = os.getpid()
     session = _shared.get(pid)
     if session is None:

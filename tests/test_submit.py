@@ -64,6 +64,14 @@ def test_endpoint_defaults_to_the_lines_url_and_metadata_is_kept(client: Client)
     assert batch["metadata"] == {"team": "search"}
 
 
+@pytest.fixture
+def cli_env(monkeypatch: pytest.MonkeyPatch, client: Client) -> Client:
+    monkeypatch.setenv("FUSILLADE_DATABASE_URL", client.settings.database_url)
+    monkeypatch.setenv("FUSILLADE_UPSTREAM_URL", client.settings.upstream_url)
+    monkeypatch.delenv("FUSILLADE_BROKER_URL", raising=False)
+    return client
+
+
 BIG = "x" * 2048
 
 BAD_INPUTS = [
@@ -132,6 +140,35 @@ def test_bad_input_is_refused_naming_the_line_and_leaves_no_rows(
     assert row_counts(client) == before
 
 
+@pytest.mark.parametrize(
+    ("raw", "line_no", "field", "fragment"),
+    [c[1:] for c in BAD_INPUTS],
+    ids=[c[0] for c in BAD_INPUTS],
+)
+def test_cli_refuses_every_bad_input_with_exit_2(
+    cli_env: Client,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    raw: bytes,
+    line_no: int | None,
+    field: str | None,
+    fragment: str,
+) -> None:
+    monkeypatch.setenv("FUSILLADE_MAX_LINE_BYTES", "1024")
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(raw)
+    assert main(["submit", str(path)]) == 2
+    captured = capsys.readouterr()
+    (message,) = captured.err.strip().splitlines()  # one line, no traceback
+    assert message.startswith("fusillade-celery: error: invalid input: ")
+    assert fragment in message
+    if line_no is not None:
+        assert f"line {line_no}" in message
+    assert captured.out == ""
+    assert row_counts(cli_env)["batches"] == 0
+
+
 def test_oversized_file_is_refused(client: Client) -> None:
     client.settings = client.settings.replace(max_file_bytes=500)
     lines = [line(f"r{i}") for i in range(20)]
@@ -165,14 +202,6 @@ def test_bad_arguments_are_refused(client: Client, kwargs: dict, field: str) -> 
         client.submit_batch([line("a")], **kwargs)
     assert err.value.field == field
     assert row_counts(client)["batches"] == 0
-
-
-@pytest.fixture
-def cli_env(monkeypatch: pytest.MonkeyPatch, client: Client) -> Client:
-    monkeypatch.setenv("FUSILLADE_DATABASE_URL", client.settings.database_url)
-    monkeypatch.setenv("FUSILLADE_UPSTREAM_URL", client.settings.upstream_url)
-    monkeypatch.delenv("FUSILLADE_BROKER_URL", raising=False)
-    return client
 
 
 def test_cli_refuses_bad_input_with_one_line_and_exit_2(
