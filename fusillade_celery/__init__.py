@@ -13,6 +13,8 @@ from .store import NotFound
 from .submit import (
     Client,
     cancel_batch,
+    delete_batch,
+    delete_file,
     get_batch,
     iter_file,
     iter_results,
@@ -27,6 +29,8 @@ __all__ = [
     "Settings",
     "app",
     "cancel_batch",
+    "delete_batch",
+    "delete_file",
     "get_batch",
     "iter_file",
     "iter_results",

@@ -14,7 +14,7 @@ from typing import Any
 from celery import Celery, signals
 
 from .db import get_engine
-from .queues import CONTROL_QUEUE
+from .queues import CONTROL_QUEUE, direct_queue
 from .schedule import beat_schedule
 from .settings import MEMORY_BROKER, Settings
 from .store import Store
@@ -35,6 +35,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_serializer": "json",
         "accept_content": ["json"],
         "task_default_queue": CONTROL_QUEUE,
+        "task_queues": [direct_queue(CONTROL_QUEUE)],
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 4,
@@ -109,6 +110,32 @@ def _check_schema(**_: Any) -> None:
     from .migrate import ensure_schema
 
     ensure_schema(get_store().engine)
+
+
+@signals.worker_ready.connect
+def _start_heartbeat(sender: Any = None, **_: Any) -> None:
+    """Register this worker and keep its heartbeat (the process that runs the tasks under
+    the gevent, threads and solo pools)."""
+    from . import workers
+
+    names = ",".join(sorted(q.name for q in sender.task_consumer.queues)) if sender else ""
+    workers.start(get_store(), get_settings(), names)
+
+
+@signals.worker_process_init.connect
+def _start_child_heartbeat(**_: Any) -> None:
+    """Prefork children run the tasks there: each gets its own row and heartbeat."""
+    from . import workers
+
+    workers.start(get_store(), get_settings(), "prefork-child")
+
+
+@signals.worker_shutdown.connect
+@signals.worker_process_shutdown.connect
+def _stop_heartbeat(**_: Any) -> None:
+    from . import workers
+
+    workers.stop()
 
 
 configure()

@@ -220,6 +220,16 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_delete(args: argparse.Namespace) -> int:
+    client = _client(_settings())
+    if args.id.startswith("file-"):
+        client.delete_file(args.id)
+    else:
+        client.delete_batch(args.id)
+    print(f"deleted {args.id} (its rows are purged in the background)")
+    return EXIT_OK
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -311,6 +321,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("cancel", help="cancel a batch")
     p.add_argument("batch_id")
     p.set_defaults(func=cmd_cancel)
+
+    p = sub.add_parser("delete", help="soft-delete a batch or a file; purge erases its rows")
+    p.add_argument("id", help="batch_... or file-...")
+    p.set_defaults(func=cmd_delete)
 
     p = sub.add_parser("demo", help="run a sample batch against the bundled mock upstream")
     p.add_argument("--requests", type=int, default=1200, help="lines in the sample batch")

@@ -6,6 +6,7 @@ retry publishing), so the logic is tested without a broker.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 import requests
 
 from . import upstream
+from .cancel_watch import Aborted, CancelWatch
 from .retry import retry_delay
 from .settings import Settings
 from .states import RequestState
@@ -34,6 +36,7 @@ class Report:
     failed: int = 0
     retrying: int = 0
     stale: int = 0
+    aborted: int = 0
     models: set[str] = field(default_factory=set)
     retries: dict[float, list[int]] = field(default_factory=dict)
 
@@ -68,9 +71,12 @@ def execute(
     ids: Sequence[int],
     worker_id: str,
     schedule_retry: ScheduleRetry,
+    watch: CancelWatch | None = None,
 ) -> Report:
     """Start the rows still holding ``token``, attempt each, write back in one batch, and
-    schedule retries grouped by delay. Stale ids (reclaimed, cancelled, done) are skipped."""
+    schedule retries grouped by delay. Stale ids (reclaimed, cancelled, done) are skipped;
+    with a ``watch``, attempts of a batch cancelled meanwhile are aborted (the row is already
+    ``canceled``, so there is nothing to write)."""
     report = Report()
     items = store.start(ids, token, worker_id, time.time())
     report.started = len(items)
@@ -78,7 +84,18 @@ def execute(
     report.models = {item.model for item in items}
     finishes = []
     for item in items:
-        outcome = upstream.attempt(session, item, settings)
+        try:
+            if watch is None:
+                outcome = upstream.attempt(session, item, settings)
+            else:
+                outcome = watch.run(
+                    item.id,
+                    item.batch_id,
+                    functools.partial(upstream.attempt, session, item, settings),
+                )
+        except Aborted:
+            report.aborted += 1
+            continue
         finishes.append(decide(item, outcome, time.time(), settings))
     if not finishes:
         return report

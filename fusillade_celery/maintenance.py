@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 from .retry import expiry_grace_s
 from .settings import Settings
@@ -31,7 +32,30 @@ def finalize(store: Store, settings: Settings, now: float | None = None) -> dict
 def reap(store: Store, settings: Settings, now: float | None = None) -> int:
     """Return orphaned claims to pending so they run again (invariant 3)."""
     now = time.time() if now is None else now
-    n = store.reap(now, settings.claim_timeout_ms / 1000.0, settings.processing_timeout_ms / 1000.0)
+    n = store.reap(
+        now,
+        settings.claim_timeout_ms / 1000.0,
+        settings.processing_timeout_ms / 1000.0,
+        stale_worker_s=settings.stale_worker_threshold_ms / 1000.0,
+    )
     if n:
         log.warning("reaped %d orphaned requests back to pending", n)
     return n
+
+
+def purge(
+    store: Store, settings: Settings, sleep: Callable[[float], None] = time.sleep
+) -> list[tuple[float, int]]:
+    """Erase requests and templates of soft-deleted batches and files, in chunks of
+    ``purge_batch_size`` with ``purge_throttle_ms`` between chunks, so a large erasure never
+    becomes one long transaction or a sustained load. Returns (time, rows) per chunk."""
+    chunks: list[tuple[float, int]] = []
+    while True:
+        n = store.purge_chunk(settings.purge_batch_size)
+        if n == 0:
+            break
+        chunks.append((time.time(), n))
+        sleep(settings.purge_throttle_ms / 1000.0)
+    if chunks:
+        log.info("purged %d rows in %d chunks", sum(n for _, n in chunks), len(chunks))
+    return chunks

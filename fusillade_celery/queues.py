@@ -6,6 +6,8 @@ one function means the docs, the claimer and the worker can never disagree.
 
 from __future__ import annotations
 
+from kombu import Exchange, Queue
+
 MODEL_QUEUE_PREFIX = "model."
 
 #: Claimer and maintenance tasks. Every worker consumes it in addition to its ``-Q`` queues
@@ -25,3 +27,12 @@ def model_for_queue(queue: str) -> str | None:
     if queue.startswith(MODEL_QUEUE_PREFIX) and len(queue) > len(MODEL_QUEUE_PREFIX):
         return queue[len(MODEL_QUEUE_PREFIX) :]
     return None
+
+
+def direct_queue(name: str) -> Queue:
+    """A queue published to through the broker's default (anonymous) exchange.
+
+    Publishing by queue name, not through a named exchange, means a message reaches its
+    queue even when the broker lost the exchange bindings (a Redis FLUSHDB or a restart without
+    persistence): kombu's Redis transport resolves the anonymous exchange without them."""
+    return Queue(name, Exchange("", type="direct"), routing_key=name)

@@ -22,16 +22,26 @@ def _every(task: str, seconds: float) -> dict[str, Any]:
 
 def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
     claim_s = settings.claim_interval_ms / 1000.0
-    return {
+    entries = {
         # Claimer: moves pending rows into model queues; also runs on submit and on slot release.
         "fusillade-claim": _every("fusillade.claim", claim_s),
         # Finalize + expire: closing timestamps, output files, batch_expired failures.
         "fusillade-finalize": _every(
             "fusillade.finalize", min(claim_s, settings.cancellation_poll_interval_ms / 1000.0)
         ),
-        # Reaper: orphaned claims back to pending; a quarter of the claim timeout keeps the
-        # worst-case recovery under 1.25 x claim_timeout.
+        # Reaper: orphaned claims back to pending; a quarter of the shorter of the claim
+        # timeout and the stale-worker threshold keeps recovery under 1.25 x that threshold.
         "fusillade-reap": _every(
-            "fusillade.reap", min(max(settings.claim_timeout_ms / 4000.0, 1.0), 15.0)
+            "fusillade.reap",
+            min(
+                max(
+                    min(settings.claim_timeout_ms, settings.stale_worker_threshold_ms) / 4000.0, 1.0
+                ),
+                15.0,
+            ),
         ),
     }
+    if settings.purge_interval_ms > 0:
+        # Purge: erase requests/templates of soft-deleted batches and files, chunked.
+        entries["fusillade-purge"] = _every("fusillade.purge", settings.purge_interval_ms / 1000.0)
+    return entries

@@ -158,27 +158,17 @@ class Settings:
     )
     claim_timeout_ms: int = _env(_int, 60000, "claimed longer than this -> back to pending")
     processing_timeout_ms: int = _env(_int, 600000, "processing longer than this -> pending")
-    heartbeat_interval_ms: int = _env(
-        _int, 5000, "worker heartbeat cadence (reserved, not active yet)"
-    )
-    stale_worker_threshold_ms: int = _env(
-        _int, 30000, "heartbeat older than this = dead worker (reserved, not active yet)"
-    )
+    heartbeat_interval_ms: int = _env(_int, 5000, "worker heartbeat cadence")
+    stale_worker_threshold_ms: int = _env(_int, 30000, "heartbeat older than this = dead worker")
     cancellation_poll_interval_ms: int = _env(
         _int, 5000, "finalize/expiry cadence (at most the claim interval)"
     )
     batch_metadata_fields: tuple[str, ...] = _env(
         _csv, ("id", "endpoint", "created_at", "completion_window"), "x-fusillade-batch-* headers"
     )
-    purge_interval_ms: int = _env(
-        _int, 600000, "purge cadence (0 disables) (reserved, not active yet)"
-    )
-    purge_batch_size: int = _env(
-        _int, 1000, "rows deleted per purge chunk (reserved, not active yet)"
-    )
-    purge_throttle_ms: int = _env(
-        _int, 100, "pause between purge chunks (reserved, not active yet)"
-    )
+    purge_interval_ms: int = _env(_int, 600000, "purge cadence (0 disables)")
+    purge_batch_size: int = _env(_int, 1000, "rows deleted per purge chunk")
+    purge_throttle_ms: int = _env(_int, 100, "pause between purge chunks")
     escalations: dict[str, Escalation] = _env(_escalations, {}, "model=escalation_model:seconds")
     max_line_bytes: int = _env(_int, 1_048_576, "largest accepted input line")
     max_file_bytes: int = _env(_int, 2_147_483_648, "largest accepted input file")

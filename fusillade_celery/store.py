@@ -7,19 +7,23 @@ that belongs to an execution is fenced: ``WHERE id = :id AND claim_token = :toke
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
+import time
 import uuid
 import zlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import (
     Connection,
     Engine,
     and_,
     bindparam,
+    delete,
     exists,
     func,
     insert,
@@ -29,11 +33,15 @@ from sqlalchemy import (
     text,
     update,
 )
+from sqlalchemy.exc import DBAPIError
 
 from . import schema as t
 from .states import IN_FLIGHT, NOT_TERMINAL, TERMINAL, ErrorKind, RequestState
 
 S = RequestState
+F = TypeVar("F", bound=Callable[..., Any])
+log = logging.getLogger(__name__)
+DISCONNECT_RETRIES = 4
 _IN_FLIGHT = sorted(s.value for s in IN_FLIGHT)
 _NOT_TERMINAL = sorted(s.value for s in NOT_TERMINAL)
 _ACTIVE_BATCH = and_(
@@ -45,6 +53,27 @@ _ACTIVE_BATCH = and_(
 )
 #: Batch columns that may be sent upstream as ``x-fusillade-batch-<column>`` headers.
 HEADER_COLUMNS = ("id", "endpoint", "completion_window", "created_at", "expires_at", "owner")
+
+
+def _on_disconnect_retry(fn: F) -> F:
+    """Run the transaction again on a fresh connection when the server dropped ours
+    (``pg_terminate_backend``, a PostgreSQL restart, a network blip). Safe because every
+    statement here is conditional on the state it expects: re-running a committed write is a
+    no-op, re-running a claim claims other rows (the first ones are reaped if orphaned)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        for attempt in range(DISCONNECT_RETRIES):
+            try:
+                return fn(*args, **kwargs)
+            except DBAPIError as exc:
+                if not exc.connection_invalidated or attempt == DISCONNECT_RETRIES - 1:
+                    raise
+                log.warning("database connection lost (%s); retrying the transaction", exc.orig)
+                time.sleep(0.2 * (attempt + 1))
+        raise AssertionError("unreachable")
+
+    return wrapper  # type: ignore[return-value]
 
 
 class NotFound(LookupError):
@@ -155,6 +184,7 @@ class Store:
 
     # ------------------------------------------------------------------ claim
 
+    @_on_disconnect_retry
     def active_models(self) -> set[str]:
         """Models of batches that are still running (not cancelling): the claimer's work list."""
         with self._tx() as conn:
@@ -163,6 +193,7 @@ class Store:
             ).scalars()
             return {m for raw in rows for m in json.loads(raw)}
 
+    @_on_disconnect_retry
     def claim(
         self,
         model: str,
@@ -223,6 +254,7 @@ class Store:
                 )
             return token, claimed
 
+    @_on_disconnect_retry
     def in_flight(self, routed_model: str) -> int:
         r = t.requests
         with self._tx() as conn:
@@ -236,6 +268,7 @@ class Store:
 
     # ------------------------------------------------------------------ execute
 
+    @_on_disconnect_retry
     def start(self, ids: Sequence[int], token: str, worker_id: str, now: float) -> list[WorkItem]:
         """claimed|retrying -> processing for the rows still holding ``token``; returns what
         the attempts need. Rows not returned were reclaimed, cancelled or already done."""
@@ -295,6 +328,7 @@ class Store:
                 for m in rows
             ]
 
+    @_on_disconnect_retry
     def finish(self, results: Sequence[Finish], token: str, now: float) -> int:
         """Write back attempts, fenced on (id, token, state=processing); batched per target
         state. Returns how many rows changed (less than ``len(results)`` when some were stale)."""
@@ -339,6 +373,7 @@ class Store:
 
     # ------------------------------------------------------------------ batches
 
+    @_on_disconnect_retry
     def get_batch_row(self, batch_id: str) -> dict[str, Any]:
         with self._tx() as conn:
             row = (
@@ -354,6 +389,7 @@ class Store:
             raise NotFound(f"no batch {batch_id!r}")
         return dict(row)
 
+    @_on_disconnect_retry
     def request_counts(self, batch_id: str) -> dict[str, int]:
         """Requests of the batch per state (every state present, zero when none)."""
         r = t.requests
@@ -365,6 +401,7 @@ class Store:
         counts.update({state: n for state, n in rows})
         return counts
 
+    @_on_disconnect_retry
     def list_batches(self, limit: int = 100) -> list[dict[str, Any]]:
         with self._tx() as conn:
             rows = conn.execute(
@@ -395,6 +432,7 @@ class Store:
                 .limit(1)
             ).scalar()
 
+    @_on_disconnect_retry
     def cancel_batch(self, batch_id: str, now: float) -> None:
         """Mark the batch cancelling and every unfinished request canceled, in one
         transaction: pending rows are never claimed, queued messages find their row canceled
@@ -458,6 +496,7 @@ class Store:
                 yield dict(m)
             after = page[-1]["id"]
 
+    @_on_disconnect_retry
     def get_file_row(self, file_id: str) -> dict[str, Any]:
         with self._tx() as conn:
             row = (
@@ -493,6 +532,7 @@ class Store:
 
     # ------------------------------------------------------------------ maintenance
 
+    @_on_disconnect_retry
     def expire_batches(self, now: float, grace_s: float) -> list[str]:
         """Batches past ``expires_at + grace_s``: unfinished requests fail ``batch_expired``
         (finished results are kept) and the batch reads ``expired``."""
@@ -526,6 +566,7 @@ class Store:
                 expired.append(batch_id)
         return expired
 
+    @_on_disconnect_retry
     def finalize_batches(self, now: float) -> list[str]:
         """Active batches whose requests are all terminal get their closing timestamps:
         finalizing, then completed / failed (nothing completed) / cancelled."""
@@ -591,24 +632,148 @@ class Store:
         if values:
             conn.execute(update(b).where(b.c.id == batch_id).values(**values))
 
-    def reap(self, now: float, claim_timeout_s: float, processing_timeout_s: float) -> int:
+    @_on_disconnect_retry
+    def reap(
+        self,
+        now: float,
+        claim_timeout_s: float,
+        processing_timeout_s: float,
+        stale_worker_s: float | None = None,
+        limit: int = 10_000,
+    ) -> int:
         """Orphaned claims back to pending (attempt kept, token cleared so the next claim
         stamps a new one): claimed past the claim timeout, processing past the processing
-        timeout, retrying overdue by the claim timeout."""
-        r = t.requests
-        orphaned = or_(
+        timeout, retrying overdue by the claim timeout, or processing on a worker that is
+        marked dead or whose heartbeat is older than ``stale_worker_s``. At most ``limit``
+        rows per pass, so a mass failure does not become one giant transaction."""
+        r, w = t.requests, t.workers
+        conditions = [
             and_(r.c.state == S.CLAIMED.value, r.c.claimed_at < now - claim_timeout_s),
             and_(r.c.state == S.PROCESSING.value, r.c.started_at < now - processing_timeout_s),
             and_(r.c.state == S.RETRYING.value, r.c.not_before < now - claim_timeout_s),
-        )
+        ]
+        if stale_worker_s is not None:
+            dead = select(w.c.id).where(
+                or_(w.c.status == "dead", w.c.last_heartbeat < now - stale_worker_s)
+            )
+            conditions.append(and_(r.c.state == S.PROCESSING.value, r.c.worker_id.in_(dead)))
         with self._tx() as conn:
+            pick = (
+                select(r.c.id)
+                .where(r.c.state.in_(_IN_FLIGHT), or_(*conditions))
+                .limit(limit)
+                .with_for_update(skip_locked=True)
+            )
             res = conn.execute(
                 update(r)
-                .where(r.c.state.in_(_IN_FLIGHT), orphaned)
+                .where(r.c.id.in_(pick.scalar_subquery()), r.c.state.in_(_IN_FLIGHT))
                 .values(state=S.PENDING.value, claim_token=None, worker_id=None)
             )
             return max(res.rowcount, 0)
 
+    # ------------------------------------------------------------------ workers
+
+    @_on_disconnect_retry
+    def heartbeat(self, worker_id: str, hostname: str, pid: int, queues: str, now: float) -> None:
+        """Upsert this worker process's row (registry + liveness)."""
+        w = t.workers
+        with self._tx() as conn:
+            res = conn.execute(
+                update(w)
+                .where(w.c.id == worker_id)
+                .values(last_heartbeat=now, status="alive", queues=queues)
+            )
+            if res.rowcount == 0:
+                conn.execute(
+                    insert(w).values(
+                        id=worker_id,
+                        hostname=hostname,
+                        pid=pid,
+                        queues=queues,
+                        started_at=now,
+                        last_heartbeat=now,
+                        status="alive",
+                    )
+                )
+
+    @_on_disconnect_retry
+    def mark_worker_dead(self, worker_id: str, now: float) -> None:
+        """Clean shutdown: the reaper may take back this worker's rows at once."""
+        w = t.workers
+        with self._tx() as conn:
+            conn.execute(
+                update(w).where(w.c.id == worker_id).values(status="dead", last_heartbeat=now)
+            )
+
+    def worker_rows(self) -> list[dict[str, Any]]:
+        with self._tx() as conn:
+            return [dict(m) for m in conn.execute(select(t.workers)).mappings()]
+
+    @_on_disconnect_retry
+    def cancelled_among(self, batch_ids: Iterable[str]) -> set[str]:
+        """Which of these batches have been cancelled (or deleted): the abort poll."""
+        b = t.batches
+        ids = list(set(batch_ids))
+        if not ids:
+            return set()
+        with self._tx() as conn:
+            rows = conn.execute(
+                select(b.c.id).where(
+                    b.c.id.in_(ids),
+                    or_(b.c.cancelling_at.is_not(None), b.c.deleted_at.is_not(None)),
+                )
+            ).scalars()
+            return set(rows)
+
+    # ------------------------------------------------------------------ erasure
+
+    @_on_disconnect_retry
+    def delete_batch(self, batch_id: str, now: float) -> None:
+        """Soft delete; unfinished requests are cancelled first so nothing runs for it."""
+        self.cancel_batch(batch_id, now)
+        b = t.batches
+        with self._tx() as conn:
+            conn.execute(update(b).where(b.c.id == batch_id).values(deleted_at=now))
+
+    @_on_disconnect_retry
+    def delete_file(self, file_id: str, now: float) -> None:
+        f = t.files
+        with self._tx() as conn:
+            res = conn.execute(
+                update(f).where(f.c.id == file_id, f.c.deleted_at.is_(None)).values(deleted_at=now)
+            )
+            if res.rowcount == 0:
+                raise NotFound(f"no file {file_id!r}")
+
+    @_on_disconnect_retry
+    def purge_chunk(self, size: int) -> int:
+        """Delete up to ``size`` requests of soft-deleted batches, else up to ``size``
+        templates of soft-deleted files that no request references any more. Returns how many
+        rows went; 0 means nothing is left to purge."""
+        r, rt, b, f = t.requests, t.request_templates, t.batches, t.files
+        with self._tx() as conn:
+            doomed = (
+                select(r.c.id)
+                .where(r.c.batch_id.in_(select(b.c.id).where(b.c.deleted_at.is_not(None))))
+                .limit(size)
+            )
+            n = conn.execute(delete(r).where(r.c.id.in_(doomed.scalar_subquery()))).rowcount
+            if n:
+                return max(n, 0)
+            referenced = exists().where(r.c.template_id == rt.c.id)
+            doomed_t = (
+                select(rt.c.id)
+                .where(
+                    rt.c.file_id.in_(select(f.c.id).where(f.c.deleted_at.is_not(None))),
+                    ~referenced,
+                )
+                .limit(size)
+            )
+            return max(
+                conn.execute(delete(rt).where(rt.c.id.in_(doomed_t.scalar_subquery()))).rowcount, 0
+            )
+
+    @_on_disconnect_retry
     def requeue_in_flight(self, batch_id: str) -> int:
         """Embedded resume: the previous process is gone, so its claims are orphans now."""
         r = t.requests

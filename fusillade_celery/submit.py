@@ -169,11 +169,11 @@ class Client:
             )
 
     def _nudge_claimer(self) -> None:
-        from .queues import CONTROL_QUEUE
+        from .queues import CONTROL_QUEUE, direct_queue
         from .tasks import claim
 
         try:
-            claim.apply_async(queue=CONTROL_QUEUE, expires=60, retry=False)
+            claim.apply_async(queue=direct_queue(CONTROL_QUEUE), expires=60, retry=False)
         except Exception as exc:  # the beat tick will claim; the batch is stored already
             log.warning("could not nudge the claimer (%s); beat will pick the batch up", exc)
 
@@ -213,6 +213,15 @@ class Client:
                 }
             return
         yield from self.iter_results(row["batch_id"], errors=row["purpose"] == "batch_error")
+
+    def delete_batch(self, batch_id: str) -> None:
+        """Soft delete (unfinished requests are cancelled first). The batch is no longer
+        readable; the purge task erases its requests and responses in the background."""
+        self.store.delete_batch(batch_id, time.time())
+
+    def delete_file(self, file_id: str) -> None:
+        """Soft delete an input file; its request bodies are purged once no batch uses them."""
+        self.store.delete_file(file_id, time.time())
 
     def cancel_batch(self, batch_id: str) -> dict[str, Any]:
         """Stop the batch: nothing new starts; unfinished requests end ``canceled``; finished
@@ -295,11 +304,21 @@ def iter_file(file_id: str) -> Iterator[dict[str, Any]]:
     return default_client().iter_file(file_id)
 
 
+def delete_batch(batch_id: str) -> None:
+    default_client().delete_batch(batch_id)
+
+
+def delete_file(file_id: str) -> None:
+    default_client().delete_file(file_id)
+
+
 __all__ = [
     "Client",
     "InputError",
     "NotFound",
     "cancel_batch",
+    "delete_batch",
+    "delete_file",
     "get_batch",
     "iter_file",
     "iter_results",

@@ -7,8 +7,6 @@ and the broker show is safe to show.
 from __future__ import annotations
 
 import logging
-import os
-import socket
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,7 +14,9 @@ from celery import Task, signals
 
 from . import claimer, execute, maintenance, upstream
 from .app import app, get_settings, get_store
-from .queues import queue_for_model
+from .cancel_watch import get_watch
+from .queues import direct_queue, queue_for_model
+from .workers import worker_id
 
 log = logging.getLogger(__name__)
 
@@ -29,15 +29,11 @@ def _size_http_pool(options: dict[str, Any] | None = None, **_: Any) -> None:
         upstream.POOL_SIZE["size"] = max(int(concurrency), 1)
 
 
-def worker_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
 def publish_execute(routed_model: str, token: str, ids: Sequence[int]) -> None:
     """Split a claim into messages of ``requests_per_message`` and publish them over one
     producer (one broker connection) to ``model.<routed_model>``."""
     settings = get_settings()
-    queue = queue_for_model(routed_model)
+    queue = direct_queue(queue_for_model(routed_model))
     with app.producer_or_acquire() as producer:
         for chunk in claimer.chunked(ids, settings.requests_per_message):
             execute_requests.apply_async(
@@ -66,7 +62,7 @@ def execute_requests(self: Task, routed_model: str, token: str, ids: list[int]) 
         execute_requests.apply_async(
             args=(routed_model, token, retry_ids),
             countdown=delay,
-            queue=queue_for_model(routed_model),
+            queue=direct_queue(queue_for_model(routed_model)),
             task_id=self.request.id,
             retries=(self.request.retries or 0) + 1,
         )
@@ -79,6 +75,7 @@ def execute_requests(self: Task, routed_model: str, token: str, ids: list[int]) 
         ids,
         worker_id(),
         schedule_retry,
+        get_watch(store, settings.cancellation_poll_interval_ms / 1000.0),
     )
     if report.started:
         # Slots were freed (or will be by the retries' own completion): refill at once
@@ -91,6 +88,7 @@ def execute_requests(self: Task, routed_model: str, token: str, ids: list[int]) 
         "failed": report.failed,
         "retrying": report.retrying,
         "stale": report.stale,
+        "aborted": report.aborted,
     }
 
 
@@ -110,3 +108,8 @@ def finalize() -> dict[str, list[str]]:
 @app.task(name="fusillade.reap", ignore_result=True)
 def reap() -> int:
     return maintenance.reap(get_store(), get_settings())
+
+
+@app.task(name="fusillade.purge", ignore_result=True)
+def purge() -> int:
+    return sum(n for _, n in maintenance.purge(get_store(), get_settings()))

@@ -49,9 +49,12 @@ def test_beat_schedule_has_every_periodic_task_with_expiry() -> None:
         "fusillade.claim",
         "fusillade.finalize",
         "fusillade.reap",
+        "fusillade.purge",
     }
     assert sched["fusillade-claim"]["schedule"] == 0.5
     assert sched["fusillade-reap"]["schedule"] == 2.0
+    assert sched["fusillade-purge"]["schedule"] == 600.0
+    assert "fusillade-purge" not in beat_schedule(Settings().replace(purge_interval_ms=0))
     for entry in sched.values():
         assert entry["options"]["queue"] == CONTROL_QUEUE
         assert entry["options"]["expires"] >= entry["schedule"]

@@ -1,0 +1,77 @@
+"""Worker registry and heartbeats: a row per worker process, so the reaper can tell a slow
+worker from a dead one (DESIGN.md section 6).
+
+The heartbeat runs in a daemon thread (a greenlet under ``-P gevent``, where threads are
+monkey-patched). A clean shutdown marks the row dead, so the reaper hands its requests back at
+once instead of after the stale threshold.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+
+from .settings import Settings
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+
+def worker_id() -> str:
+    """``host:pid`` of this process: what ``requests.worker_id`` records while processing."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class Heartbeat:
+    def __init__(self, store: Store, settings: Settings, queues: str):
+        self.store = store
+        self.interval = settings.heartbeat_interval_ms / 1000.0
+        self.queues = queues
+        self.id = worker_id()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self.beat()
+        self._thread = threading.Thread(target=self._run, name="fusillade-heartbeat", daemon=True)
+        self._thread.start()
+
+    def beat(self) -> None:
+        self.store.heartbeat(self.id, socket.gethostname(), os.getpid(), self.queues, time.time())
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.beat()
+            except Exception as exc:  # the database may be away for a while; keep trying
+                log.warning("heartbeat failed: %s", exc)
+
+    def stop(self) -> None:
+        """Clean shutdown: stop beating and mark this worker dead."""
+        self._stop.set()
+        try:
+            self.store.mark_worker_dead(self.id, time.time())
+        except Exception as exc:
+            log.warning("could not mark worker %s dead: %s", self.id, exc)
+
+
+_current: dict[int, Heartbeat] = {}
+
+
+def start(store: Store, settings: Settings, queues: str) -> Heartbeat:
+    """Start this process's heartbeat once (idempotent per pid)."""
+    hb = _current.get(os.getpid())
+    if hb is None:
+        hb = Heartbeat(store, settings, queues)
+        hb.start()
+        _current[os.getpid()] = hb
+    return hb
+
+
+def stop() -> None:
+    hb = _current.pop(os.getpid(), None)
+    if hb is not None:
+        hb.stop()
