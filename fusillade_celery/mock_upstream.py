@@ -122,6 +122,7 @@ def build_app(config: MockConfig) -> web.Application:
             "custom_id": custom_id,
             "model": model,
             "call": call,
+            "seq": seq,
             "start": time.time(),
             "path": request.path,
         }

@@ -185,6 +185,11 @@ def _check(obj: Any, line: int, seen: set[str], expected_url: str | None) -> Par
             field="body.model",
         )
     text = json.dumps(body, separators=(",", ":"), ensure_ascii=False)
+    for name, value in (("custom_id", custom_id), ("body", text)):
+        try:
+            size = len(value.encode("utf-8"))
+        except UnicodeEncodeError:  # a lone surrogate, escaped as \udXXX in the JSON
+            raise InputError("contains an invalid Unicode escape", line=line, field=name) from None
     return ParsedLine(
         line_number=line,
         custom_id=custom_id,
@@ -192,5 +197,5 @@ def _check(obj: Any, line: int, seen: set[str], expected_url: str | None) -> Par
         url=url,
         body=text,
         model=model,
-        body_bytes=len(text.encode("utf-8")),
+        body_bytes=size,
     )

@@ -11,8 +11,8 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,7 +71,7 @@ class Cluster:
 
 
 def _celery(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    with log.open("wb") as fh:  # the child keeps its own descriptor
+    with log.open("ab") as fh:  # the child keeps its own descriptor
         return subprocess.Popen(
             [sys.executable, "-m", "celery", "-A", "fusillade_celery", *cmd],
             env=env,
@@ -81,16 +81,79 @@ def _celery(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[
         )
 
 
-@pytest.fixture(scope="session")
-def cluster(
-    pg_admin: str, pg_template: str, redis_base: str, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Cluster]:
-    log_dir = tmp_path_factory.mktemp("cluster")
+class Processes:
+    """Start, kill and restart the cluster's celery processes by name."""
+
+    def __init__(self, cluster: Cluster, queues: str):
+        self.c = cluster
+        self.queues = queues
+
+    def start_worker(self, name: str, concurrency: int = 20) -> None:
+        log = self.c.log_dir / f"{name}.log"
+        offset = log.stat().st_size if log.exists() else 0
+        self.c.procs[name] = _celery(
+            [
+                "worker",
+                "-Q",
+                self.queues,
+                "-P",
+                "gevent",
+                "-c",
+                str(concurrency),
+                "-n",
+                f"{name}@%h",
+                "-l",
+                "info",
+            ],
+            self.c.env,
+            log,
+        )
+        services.wait_for(
+            lambda: "ready." in log.read_text(errors="replace")[offset:],
+            60,
+            what=f"worker {name} to be ready (log: {log})",
+        )
+
+    def start_beat(self) -> None:
+        self.c.procs["beat"] = _celery(
+            ["beat", "-l", "info", "--schedule", str(self.c.log_dir / "beat-schedule")],
+            self.c.env,
+            self.c.log_dir / "beat.log",
+        )
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        proc = self.c.procs.pop(name)
+        os.killpg(proc.pid, sig)
+        proc.wait(60)
+
+    def stop_all(self) -> None:
+        for proc in self.c.procs.values():
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self.c.procs.values():
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(5)
+        self.c.procs.clear()
+
+
+@contextmanager
+def running_cluster(
+    pg_admin: str,
+    pg_template: str,
+    redis_base: str,
+    log_dir: Path,
+    redis_db: int,
+    models: tuple[str, ...],
+    env_extra: dict[str, str],
+    workers: int = 2,
+) -> Iterator[tuple[Cluster, Processes]]:
     db_name = services.create_database(pg_admin, template=pg_template)
     db_url = normalize_url(services.with_db(pg_admin, db_name))
-    broker_url = f"{redis_base}/{REDIS_DB}"
+    broker_url = f"{redis_base}/{redis_db}"
     redis.Redis.from_url(broker_url).flushdb()
-
     mock = subprocess.Popen(
         [sys.executable, "-m", "fusillade_celery.cli", "mock-upstream", "--port", "0"],
         stdout=subprocess.PIPE,
@@ -98,59 +161,49 @@ def cluster(
     )
     assert mock.stdout is not None
     mock_url = mock.stdout.readline().strip().rsplit(" ", 1)[1]
-
     env = {
         **os.environ,
         "FUSILLADE_DATABASE_URL": db_url,
         "FUSILLADE_BROKER_URL": broker_url,
         "FUSILLADE_UPSTREAM_URL": mock_url,
         "FUSILLADE_UPSTREAM_API_KEY": API_KEY,
-        "FUSILLADE_MODEL_LIMITS": "limited=5",
-        "FUSILLADE_DEFAULT_MODEL_LIMIT": "10",
         "FUSILLADE_BACKOFF_MS": "200",
         "FUSILLADE_MAX_BACKOFF_MS": "2000",
         "FUSILLADE_TIMEOUT_MS": "1500",
         "FUSILLADE_CLAIM_INTERVAL_MS": "500",
         "FUSILLADE_CLAIM_BATCH_SIZE": "100",
         "PYTHONUNBUFFERED": "1",
+        **env_extra,
     }
-    queues = ",".join(f"model.{m}" for m in MODELS)
-    procs: dict[str, subprocess.Popen[bytes]] = {}
-    procs["beat"] = _celery(
-        ["beat", "-l", "info", "--schedule", str(log_dir / "beat-schedule")],
-        env,
-        log_dir / "beat.log",
-    )
-    for name in ("w1", "w2"):
-        procs[name] = _celery(
-            ["worker", "-Q", queues, "-P", "gevent", "-c", "20", "-n", f"{name}@%h", "-l", "info"],
-            env,
-            log_dir / f"{name}.log",
-        )
     settings = Settings.from_env(env)
     configure(settings)
-    c = Cluster(env, settings, Client(settings), mock_url, log_dir, broker_url, procs)
+    c = Cluster(env, settings, Client(settings), mock_url, log_dir, broker_url)
+    procs = Processes(c, ",".join(f"model.{m}" for m in models))
     try:
-        for name in ("w1", "w2"):
-            services.wait_for(
-                lambda n=name: "ready." in (log_dir / f"{n}.log").read_text(errors="replace"),
-                60,
-                what=f"worker {name} to be ready (log: {log_dir / f'{name}.log'})",
-            )
-        yield c
+        procs.start_beat()
+        for i in range(workers):
+            procs.start_worker(f"w{i + 1}")
+        yield c, procs
     finally:
-        for proc in procs.values():
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in procs.values():
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(5)
+        procs.stop_all()
         mock.terminate()
         mock.wait(10)
         mock.stdout.close()
         configure(Settings())
-        time.sleep(0.1)
         services.drop_database(pg_admin, db_name)
+
+
+@pytest.fixture(scope="session")
+def cluster(
+    pg_admin: str, pg_template: str, redis_base: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Cluster]:
+    with running_cluster(
+        pg_admin,
+        pg_template,
+        redis_base,
+        tmp_path_factory.mktemp("cluster"),
+        REDIS_DB,
+        MODELS,
+        {"FUSILLADE_MODEL_LIMITS": "limited=5", "FUSILLADE_DEFAULT_MODEL_LIMIT": "10"},
+    ) as (c, _):
+        yield c

@@ -1,0 +1,213 @@
+"""Faults injected for real on a running cluster: kill -9 a worker, flush Redis, restart beat,
+terminate PostgreSQL backends, duplicate deliveries, cancel with a slow upstream, expiry with
+no worker. Every request must end exactly once with a response the upstream really sent."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+import redis
+
+from fusillade_celery.tasks import publish_execute
+
+from ..conftest import line
+from ..services import wait_for
+from .conftest import Cluster, Processes, running_cluster
+
+pytestmark = pytest.mark.integration
+
+FAULT_MODELS = ("f1", "f2", "fc")
+
+
+@pytest.fixture(scope="module")
+def faults(
+    pg_admin: str, pg_template: str, redis_base: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Cluster, Processes]]:
+    with running_cluster(
+        pg_admin,
+        pg_template,
+        redis_base,
+        tmp_path_factory.mktemp("faults"),
+        redis_db=13,
+        models=FAULT_MODELS,
+        env_extra={
+            "FUSILLADE_MODEL_LIMITS": "f1=60,f2=20,fc=60",
+            "FUSILLADE_HEARTBEAT_INTERVAL_MS": "500",
+            "FUSILLADE_STALE_WORKER_THRESHOLD_MS": "3000",
+            "FUSILLADE_CLAIM_TIMEOUT_MS": "5000",
+            "FUSILLADE_PROCESSING_TIMEOUT_MS": "60000",
+            "FUSILLADE_CANCELLATION_POLL_INTERVAL_MS": "1000",
+            "FUSILLADE_TIMEOUT_MS": "60000",
+        },
+    ) as cp:
+        yield cp
+
+
+def completed(c: Cluster, batch_id: str) -> int:
+    return int(c.client.get_batch(batch_id)["request_counts"]["completed"])
+
+
+def assert_exactly_once_with_real_responses(c: Cluster, batch_id: str, prefix: str, n: int) -> None:
+    """Every request completed once, each stored response one the upstream really returned
+    for that custom_id (its mock sequence id is in the mock's log for that custom_id)."""
+    out = list(c.client.iter_results(batch_id))
+    ids = [o["custom_id"] for o in out]
+    assert len(ids) == n and len(set(ids)) == n
+    assert list(c.client.iter_results(batch_id, errors=True)) == []
+    served: dict[str, set[str]] = {}
+    for cid, calls in c.calls_for(prefix).items():
+        served[cid] = {f"chatcmpl-mock-{e['seq']}" for e in calls if e.get("outcome") == "ok"}
+    for o in out:
+        body = o["response"]["body"]
+        assert body["id"] in served[o["custom_id"]], o["custom_id"]
+        assert f"reply to {o['custom_id']} " in body["choices"][0]["message"]["content"]
+
+
+def test_kill_9_a_worker_mid_batch(faults: tuple[Cluster, Processes]) -> None:
+    c, procs = faults
+    n = 1500
+    batch_id = c.client.submit_batch(
+        [line(f"k9-{i:04d}", model="f1", mock_latency_ms=200) for i in range(n)]
+    )
+    wait_for(lambda: completed(c, batch_id) >= 300, 60, what="progress before the kill")
+    procs.kill("w1", signal.SIGKILL)
+    assert completed(c, batch_id) < n
+    procs.start_worker("w1b")  # the replacement
+    batch = c.wait_done(batch_id, 120)
+    assert batch["status"] == "completed"
+    assert batch["request_counts"] == {"total": n, "completed": n, "failed": 0}
+    assert_exactly_once_with_real_responses(c, batch_id, "k9-", n)
+
+
+def test_flushing_redis_mid_batch(faults: tuple[Cluster, Processes]) -> None:
+    c, _ = faults
+    n = 600
+    batch_id = c.client.submit_batch(
+        [line(f"fl-{i:04d}", model="f1", mock_latency_ms=100) for i in range(n)]
+    )
+    wait_for(lambda: completed(c, batch_id) >= 100, 60, what="progress before the flush")
+    redis.Redis.from_url(c.broker_url).flushdb()
+    batch = c.wait_done(batch_id, 120)
+    assert batch["request_counts"] == {"total": n, "completed": n, "failed": 0}
+    assert_exactly_once_with_real_responses(c, batch_id, "fl-", n)
+
+
+def test_restarting_beat_and_terminating_db_backends(faults: tuple[Cluster, Processes]) -> None:
+    c, procs = faults
+    n = 600
+    batch_id = c.client.submit_batch(
+        [line(f"bt-{i:04d}", model="f1", mock_latency_ms=100) for i in range(n)]
+    )
+    wait_for(lambda: completed(c, batch_id) >= 100, 60, what="progress before beat dies")
+    procs.kill("beat", signal.SIGKILL)
+    time.sleep(1.0)  # a stretch with no beat at all
+    procs.start_beat()
+    wait_for(lambda: completed(c, batch_id) >= 300, 60, what="progress before the backends die")
+    db = c.settings.database_url.rsplit("/", 1)[1]
+    admin = c.settings.database_url.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(admin, autocommit=True) as conn:
+        killed = conn.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE datname = %s AND pid <> pg_backend_pid()",
+            (db,),
+        ).fetchone()
+    assert killed and killed[0] > 0
+    batch = c.wait_done(batch_id, 120)
+    assert batch["request_counts"] == {"total": n, "completed": n, "failed": 0}
+    assert_exactly_once_with_real_responses(c, batch_id, "bt-", n)
+
+
+def test_duplicate_delivery_changes_nothing(faults: tuple[Cluster, Processes]) -> None:
+    c, _ = faults
+    batch_id = c.client.submit_batch(
+        [line(f"dup-{i:02d}", model="f2", mock_latency_ms=800) for i in range(20)]
+    )
+    rows = wait_for(
+        lambda: (
+            (rs := [r for r in c.client.store.request_rows(batch_id) if r["claim_token"]])
+            and len(rs) == 20
+            and rs
+        ),
+        30,
+        what="all requests claimed",
+    )
+    for r in rows:  # the same message, published twice more
+        publish_execute("f2", r["claim_token"], [r["id"]])
+        publish_execute("f2", r["claim_token"], [r["id"]])
+    c.wait_done(batch_id, 60)
+    finished = {r["id"]: r for r in c.client.store.request_rows(batch_id)}
+    for r in finished.values():  # and once more after the end
+        publish_execute("f2", r["claim_token"], [r["id"]])
+    time.sleep(1.5)  # give the late duplicates time to be consumed (they must change nothing)
+    assert {r["id"]: r for r in c.client.store.request_rows(batch_id)} == finished
+    calls = c.calls_for("dup-")
+    assert all(len(cs) <= 2 for cs in calls.values())
+    assert_exactly_once_with_real_responses(c, batch_id, "dup-", 20)
+
+
+def test_cancel_aborts_in_flight_calls(faults: tuple[Cluster, Processes]) -> None:
+    c, _ = faults
+    fast = [line(f"cf-{i:02d}", model="fc") for i in range(10)]
+    slow = [line(f"cs-{i:02d}", model="fc", mock_latency_ms=30000) for i in range(30)]
+    batch_id = c.client.submit_batch(fast + slow)
+    wait_for(
+        lambda: completed(c, batch_id) == 10 and c.mock_stats()["in_flight"].get("fc", 0) == 30,
+        30,
+        what="fast lines done and the 30 slow ones in flight",
+    )
+    cancelled_at = time.time()
+    c.client.cancel_batch(batch_id)
+    wait_for(
+        lambda: all(
+            e.get("outcome") == "disconnected" for cs in c.calls_for("cs-").values() for e in cs
+        ),
+        10,
+        what="the upstream to see every slow connection closed",
+    )
+    closed = [e["end"] for cs in c.calls_for("cs-").values() for e in cs]
+    assert len(closed) == 30
+    assert max(closed) - cancelled_at <= 1.0 + 2.0  # poll interval + 2 s
+    batch = c.wait_done(batch_id, 30)
+    assert batch["status"] == "cancelled"
+    states = {r["custom_id"]: r["state"] for r in c.client.store.request_rows(batch_id)}
+    assert {states[f"cs-{i:02d}"] for i in range(30)} == {"canceled"}
+    assert sorted(o["custom_id"] for o in c.client.iter_results(batch_id)) == sorted(
+        x["custom_id"] for x in fast
+    )
+
+
+def test_expiry_with_no_worker_for_the_model(faults: tuple[Cluster, Processes]) -> None:
+    c, _ = faults
+    batch_id = c.client.submit_batch(
+        [line(f"nw-{i}", model="nobody-serves-this") for i in range(5)], completion_window="3s"
+    )
+    batch = c.wait_done(batch_id, 30)
+    assert batch["status"] == "expired"
+    assert batch["request_counts"] == {"total": 5, "completed": 0, "failed": 5}
+    errors = list(c.client.iter_file(batch["error_file_id"]))
+    assert [e["error"]["code"] for e in errors] == ["batch_expired"] * 5
+    assert c.calls_for("nw-") == {}
+
+
+def test_sigterm_hands_work_back(faults: tuple[Cluster, Processes]) -> None:
+    c, procs = faults
+    n = 300
+    batch_id = c.client.submit_batch(
+        [line(f"st-{i:03d}", model="f1", mock_latency_ms=300) for i in range(n)]
+    )
+    wait_for(lambda: completed(c, batch_id) >= 30, 60, what="progress before SIGTERM")
+    victim = next(iter(k for k in procs.c.procs if k.startswith("w")))
+    procs.kill(victim, signal.SIGTERM)  # warm shutdown: in-flight requests finish
+    workers: list[dict[str, Any]] = c.client.store.worker_rows()
+    assert any(w["status"] == "dead" for w in workers)
+    batch = c.wait_done(batch_id, 120)
+    assert batch["request_counts"] == {"total": n, "completed": n, "failed": 0}
+    assert_exactly_once_with_real_responses(c, batch_id, "st-", n)
+    procs.start_worker(victim + "b")
+    json.dumps(workers)  # rows are plain data
