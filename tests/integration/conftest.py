@@ -84,9 +84,10 @@ def _celery(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[
 class Processes:
     """Start, kill and restart the cluster's celery processes by name."""
 
-    def __init__(self, cluster: Cluster, queues: str):
+    def __init__(self, cluster: Cluster, queues: str, pool: str = "gevent"):
         self.c = cluster
         self.queues = queues
+        self.pool = pool
 
     def start_worker(self, name: str, concurrency: int = 20) -> None:
         log = self.c.log_dir / f"{name}.log"
@@ -97,7 +98,7 @@ class Processes:
                 "-Q",
                 self.queues,
                 "-P",
-                "gevent",
+                self.pool,
                 "-c",
                 str(concurrency),
                 "-n",
@@ -149,6 +150,7 @@ def running_cluster(
     models: tuple[str, ...],
     env_extra: dict[str, str],
     workers: int = 2,
+    pool: str = "gevent",
 ) -> Iterator[tuple[Cluster, Processes]]:
     db_name = services.create_database(pg_admin, template=pg_template)
     db_url = normalize_url(services.with_db(pg_admin, db_name))
@@ -178,7 +180,7 @@ def running_cluster(
     settings = Settings.from_env(env)
     configure(settings)
     c = Cluster(env, settings, Client(settings), mock_url, log_dir, broker_url)
-    procs = Processes(c, ",".join(f"model.{m}" for m in models))
+    procs = Processes(c, ",".join(f"model.{m}" for m in models), pool)
     try:
         procs.start_beat()
         for i in range(workers):

@@ -211,3 +211,74 @@ def test_sigterm_hands_work_back(faults: tuple[Cluster, Processes]) -> None:
     assert_exactly_once_with_real_responses(c, batch_id, "st-", n)
     procs.start_worker(victim + "b")
     json.dumps(workers)  # rows are plain data
+
+
+def test_redis_restart_mid_batch(
+    pg_admin: str, pg_template: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """A private redis-server, killed and started again on the same port mid-batch (it keeps
+    nothing on disk, so queued messages are lost too): no process is restarted.
+
+    Runs the worker with ``-P threads``: under ``-P gevent`` kombu 5.7's Redis reconnect path
+    fails (``Unrecoverable error: AttributeError ... 'hostname'`` in ``_connparams`` while
+    restoring unacked messages) and that worker stops consuming until restarted; see README."""
+    import shutil
+    import subprocess
+
+    from ..services import free_port
+
+    binary = shutil.which("redis-server")
+    assert binary, "redis-server must be installed (Debian: apt-get install redis-server)"
+    port = free_port()
+
+    def start_redis() -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(
+            [
+                binary,
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ],
+            stdout=subprocess.DEVNULL,
+        )
+        wait_for(lambda: redis.Redis(port=port).ping(), 10, what="redis-server")
+        return proc
+
+    server = start_redis()
+    try:
+        with running_cluster(
+            pg_admin,
+            pg_template,
+            f"redis://127.0.0.1:{port}",
+            tmp_path_factory.mktemp("redis-restart"),
+            redis_db=0,
+            models=("r1",),
+            env_extra={
+                "FUSILLADE_MODEL_LIMITS": "r1=40",
+                "FUSILLADE_CLAIM_TIMEOUT_MS": "5000",
+                "FUSILLADE_STALE_WORKER_THRESHOLD_MS": "3000",
+                "FUSILLADE_HEARTBEAT_INTERVAL_MS": "500",
+            },
+            workers=1,
+            pool="threads",
+        ) as (c, _):
+            n = 400
+            batch_id = c.client.submit_batch(
+                [line(f"rr-{i:03d}", model="r1", mock_latency_ms=100) for i in range(n)]
+            )
+            wait_for(lambda: completed(c, batch_id) >= 80, 60, what="progress before the restart")
+            server.kill()
+            server.wait(10)
+            time.sleep(1.0)
+            server = start_redis()
+            batch = c.wait_done(batch_id, 120)
+            assert batch["request_counts"] == {"total": n, "completed": n, "failed": 0}
+            assert_exactly_once_with_real_responses(c, batch_id, "rr-", n)
+    finally:
+        server.kill()
+        server.wait(10)
