@@ -13,12 +13,14 @@ from typing import Any
 
 from celery import Celery, signals
 
+from .compat import patch_kombu_redis_reconnect
 from .db import get_engine
 from .queues import CONTROL_QUEUE, direct_queue
 from .schedule import beat_schedule
 from .settings import MEMORY_BROKER, Settings
 from .store import Store
 
+patch_kombu_redis_reconnect()
 app = Celery("fusillade_celery", include=["fusillade_celery.tasks"])
 
 _current: dict[str, Any] = {}
