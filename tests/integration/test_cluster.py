@@ -236,17 +236,25 @@ def test_flower_shows_tasks_with_ids_only(cluster: Cluster) -> None:
     try:
         base = f"http://127.0.0.1:{port}"
         wait_for(lambda: requests.get(base + "/api/workers", timeout=2).ok, 30, what="flower")
-        batch_id = cluster.client.submit_batch([line(f"fl-{i}", model="m1") for i in range(5)])
-        cluster.wait_done(batch_id, 60)
-        tasks = wait_for(
-            lambda: [
+        # Flower subscribes to task events asynchronously after it starts serving HTTP: keep
+        # sending small batches until its task view has picked some up.
+        sent: list[str] = []
+
+        def listed() -> list[dict[str, Any]]:
+            seen = [
                 t
                 for t in requests.get(base + "/api/tasks", timeout=5).json().values()
                 if t.get("name") == "fusillade.execute" and t.get("state") == "SUCCESS"
-            ],
-            30,
-            what="flower to list execute tasks",
-        )
+            ]
+            if not seen:
+                batch_id = cluster.client.submit_batch(
+                    [line(f"fl-{len(sent)}-{i}", model="m1") for i in range(3)]
+                )
+                sent.append(batch_id)
+                cluster.wait_done(batch_id, 30)
+            return seen
+
+        tasks = wait_for(listed, 60, interval=0.5, what="flower to list execute tasks")
         shown = json.dumps(tasks)
         assert "'m1'" in shown  # args are (model, token, [ids])
         assert API_KEY not in shown and "messages" not in shown
