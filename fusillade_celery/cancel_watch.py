@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
-from typing import Any, TypeVar
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeAlias, TypeVar
 
 from .store import Store
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+Job: TypeAlias = tuple[int, str, Callable[[], T]]  # (key, batch_id, attempt)
+Done: TypeAlias = tuple[int, "T | Aborted", float]  # (key, result, finished_at)
 
 
 def gevent_active() -> bool:
@@ -30,40 +33,89 @@ def gevent_active() -> bool:
 
 
 class Aborted(Exception):
-    """The attempt was aborted because its batch was cancelled."""
+    """The attempt was aborted because its batch was cancelled (returned, not raised)."""
 
 
 class CancelWatch:
-    def __init__(self, store: Store, poll_s: float):
+    def __init__(self, store: Store, poll_s: float, concurrency: int = 64):
         self.store = store
         self.poll_s = poll_s
+        self.concurrency = concurrency
+        self._semaphore: Any = None
         self._inflight: dict[int, tuple[str, Any]] = {}
         self.cancelled: set[str] = set()
         self._lock = threading.Lock()
         self._watcher: Any = None
 
-    def run(self, key: int, batch_id: str, fn: Callable[[], T]) -> T:
-        """Run ``fn`` abortably; raise :class:`Aborted` if its batch is cancelled meanwhile."""
-        if batch_id in self.cancelled:
-            raise Aborted(batch_id)
+    def run_iter(self, jobs: Sequence[Job[T]], flush_s: float) -> Iterator[list[Done[T]]]:
+        """Run the jobs ``(key, batch_id, fn)`` of one message and yield their results in
+        chunks as they finish: ``(key, value or Aborted, finished_at)``. A chunk closes when
+        every job is done or ``flush_s`` has passed, so one slow request never holds back the
+        write-back (and retry timing) of the fast ones.
+
+        Under gevent the jobs run concurrently, each in its own greenlet, while a process-wide
+        semaphore of the worker's ``-c`` keeps this process's in-flight calls within its
+        concurrency (DESIGN.md invariant 4) however many requests a message carries. Elsewhere
+        they run one after the other."""
         if not gevent_active():
-            return fn()
+            yield from self._sequential(jobs, flush_s)
+            return
         import gevent
 
         self._ensure_watcher()
-        g = gevent.spawn(fn)
-        self._inflight[key] = (batch_id, g)
+        pending: dict[Any, tuple[int, str]] = {}
+        for key, batch_id, fn in jobs:
+            g = gevent.spawn(self._limited, batch_id, fn)
+            self._inflight[key] = (batch_id, g)
+            pending[g] = (key, batch_id)
         try:
-            g.join()
+            while pending:
+                ready = gevent.wait(list(pending), timeout=flush_s)
+                chunk: list[Done[T]] = []
+                for g in ready:
+                    key, batch_id = pending.pop(g)
+                    self._inflight.pop(key, None)
+                    if isinstance(g.value, (gevent.GreenletExit, Aborted)):
+                        chunk.append((key, Aborted(batch_id), time.time()))
+                    elif not g.successful():
+                        assert g.exception is not None
+                        raise g.exception
+                    else:
+                        chunk.append((key, g.value, time.time()))
+                if chunk:
+                    yield chunk
         finally:
-            self._inflight.pop(key, None)
-        if isinstance(g.value, gevent.GreenletExit):  # killed by the watcher
-            raise Aborted(batch_id)
-        if not g.successful():
-            assert g.exception is not None
-            raise g.exception
-        result: T = g.value
-        return result
+            for g, (key, _) in pending.items():
+                self._inflight.pop(key, None)
+                g.kill(block=False)
+
+    def _sequential(self, jobs: Sequence[Job[T]], flush_s: float) -> Iterator[list[Done[T]]]:
+        chunk: list[Done[T]] = []
+        opened = 0.0
+        for key, batch_id, fn in jobs:
+            value: T | Aborted = Aborted(batch_id) if batch_id in self.cancelled else fn()
+            now = time.time()
+            if not chunk:
+                opened = now
+            chunk.append((key, value, now))
+            if now - opened >= flush_s:
+                yield chunk
+                chunk = []
+        if chunk:
+            yield chunk
+
+    def _limited(self, batch_id: str, fn: Callable[[], T]) -> T | Aborted:
+        with self._slots():
+            if batch_id in self.cancelled:
+                return Aborted(batch_id)
+            return fn()
+
+    def _slots(self) -> Any:
+        if self._semaphore is None:
+            from gevent.lock import BoundedSemaphore
+
+            self._semaphore = BoundedSemaphore(self.concurrency)
+        return self._semaphore
 
     def _ensure_watcher(self) -> None:
         import gevent
@@ -97,10 +149,10 @@ class CancelWatch:
 _watches: dict[int, CancelWatch] = {}
 
 
-def get_watch(store: Store, poll_s: float) -> CancelWatch:
+def get_watch(store: Store, poll_s: float, concurrency: int) -> CancelWatch:
     import os
 
     watch = _watches.get(os.getpid())
     if watch is None:
-        watch = _watches[os.getpid()] = CancelWatch(store, poll_s)
+        watch = _watches[os.getpid()] = CancelWatch(store, poll_s, concurrency)
     return watch

@@ -23,6 +23,9 @@ from .store import Finish, Store, WorkItem
 
 log = logging.getLogger(__name__)
 
+#: Longest a finished attempt waits for its message-mates before being written back.
+FLUSH_S = 0.05
+
 #: schedule_retry(request_ids, countdown_seconds): publish them again after the delay.
 ScheduleRetry = Callable[[list[int], float], None]
 
@@ -63,6 +66,31 @@ def decide(item: WorkItem, outcome: upstream.Outcome, now: float, settings: Sett
     return Finish(item.id, RequestState.FAILED, outcome.status, outcome.body, error)
 
 
+def _write_back(
+    store: Store,
+    token: str,
+    finishes: list[Finish],
+    report: Report,
+    schedule_retry: ScheduleRetry,
+) -> None:
+    """One fenced batch write, then the retries of this chunk grouped by delay."""
+    now = time.time()
+    store.finish(finishes, token, now)
+    retries: dict[float, list[int]] = {}
+    for f in finishes:
+        if f.state is RequestState.COMPLETED:
+            report.completed += 1
+        elif f.state is RequestState.FAILED:
+            report.failed += 1
+        else:
+            assert f.not_before is not None
+            report.retrying += 1
+            retries.setdefault(round(max(f.not_before - now, 0.0), 3), []).append(f.id)
+    for delay, retry_ids in retries.items():
+        report.retries.setdefault(delay, []).extend(retry_ids)
+        schedule_retry(retry_ids, delay)
+
+
 def execute(
     store: Store,
     settings: Settings,
@@ -73,44 +101,29 @@ def execute(
     schedule_retry: ScheduleRetry,
     watch: CancelWatch | None = None,
 ) -> Report:
-    """Start the rows still holding ``token``, attempt each, write back in one batch, and
-    schedule retries grouped by delay. Stale ids (reclaimed, cancelled, done) are skipped;
-    with a ``watch``, attempts of a batch cancelled meanwhile are aborted (the row is already
-    ``canceled``, so there is nothing to write)."""
+    """Start the rows still holding ``token``, attempt them, write back in batched, fenced
+    chunks as they finish (at most ``FLUSH_S`` apart), and schedule retries grouped by delay.
+    Stale ids (reclaimed, cancelled, done) are skipped; attempts of a batch cancelled meanwhile
+    are aborted under gevent (the row is already ``canceled``: nothing to write)."""
     report = Report()
     items = store.start(ids, token, worker_id, time.time())
     report.started = len(items)
     report.stale = len(ids) - len(items)
     report.models = {item.model for item in items}
-    finishes = []
-    for item in items:
-        try:
-            if watch is None:
-                outcome = upstream.attempt(session, item, settings)
-            else:
-                outcome = watch.run(
-                    item.id,
-                    item.batch_id,
-                    functools.partial(upstream.attempt, session, item, settings),
-                )
-        except Aborted:
-            report.aborted += 1
-            continue
-        finishes.append(decide(item, outcome, time.time(), settings))
-    if not finishes:
-        return report
-    now = time.time()
-    store.finish(finishes, token, now)
-    for f in finishes:
-        if f.state is RequestState.COMPLETED:
-            report.completed += 1
-        elif f.state is RequestState.FAILED:
-            report.failed += 1
-        else:
-            assert f.not_before is not None
-            report.retrying += 1
-            delay = round(max(f.not_before - now, 0.0), 3)
-            report.retries.setdefault(delay, []).append(f.id)
-    for delay, retry_ids in report.retries.items():
-        schedule_retry(retry_ids, delay)
+    if watch is None:
+        watch = CancelWatch(store, poll_s=settings.cancellation_poll_interval_ms / 1000.0)
+    by_id = {item.id: item for item in items}
+    jobs = [
+        (item.id, item.batch_id, functools.partial(upstream.attempt, session, item, settings))
+        for item in items
+    ]
+    for chunk in watch.run_iter(jobs, FLUSH_S):
+        finishes = []
+        for key, outcome, finished_at in chunk:
+            if isinstance(outcome, Aborted):
+                report.aborted += 1  # the row is canceled already: nothing to write
+                continue
+            finishes.append(decide(by_id[key], outcome, finished_at, settings))
+        if finishes:
+            _write_back(store, token, finishes, report, schedule_retry)
     return report

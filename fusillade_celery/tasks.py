@@ -75,7 +75,9 @@ def execute_requests(self: Task, routed_model: str, token: str, ids: list[int]) 
         ids,
         worker_id(),
         schedule_retry,
-        get_watch(store, settings.cancellation_poll_interval_ms / 1000.0),
+        get_watch(
+            store, settings.cancellation_poll_interval_ms / 1000.0, upstream.POOL_SIZE["size"]
+        ),
     )
     if report.started:
         # Slots were freed (or will be by the retries' own completion): refill at once
