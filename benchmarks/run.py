@@ -1,13 +1,17 @@
 """The benchmark: ``python -m benchmarks.run`` (or ``make bench``) prints one JSON object.
 
-It starts what it needs (the mock upstream; a PostgreSQL database, Redis, beat and workers as
+It starts what it needs (the upstream: nginx returning a fixed completion when nginx is
+installed, else the bundled aiohttp mock; a PostgreSQL database, Redis, beat and workers as
 real processes for the distributed scenarios), runs each scenario with a bounded request count,
 and for the upstream scenarios also times a bare ``requests.Session`` loop against the same
 upstream in the same run, reporting the ratio.
 
-Scenarios: ``instant`` (no upstream latency, distributed), ``latency`` (1 s upstream latency,
-distributed, a high model limit), ``embedded`` (``fusillade-celery run`` on SQLite), ``submit``
-(validation + insert of a large file, and streaming the results back).
+Scenarios (issue 4's targets): ``instant`` (20,000 requests, instant upstream, distributed),
+``latency`` (10,000 requests, 1 s upstream latency, model limit 1,000; also the time from
+``submit_batch`` returning to the first upstream call), ``embedded`` (``fusillade-celery run``
+on SQLite), ``scale`` (submit 1,000,000 lines: time and peak RSS; the claim statement at 10,000
+and 1,000,000 pending rows with its plan; ``iter_results`` lines/s and RSS), ``memory`` (worker
+RSS after 10,000 and after 100,000 requests). ``--scenarios a,b`` picks some.
 """
 
 from __future__ import annotations
@@ -16,7 +20,9 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -79,6 +85,92 @@ def mock_upstream(latency_ms: float = 0) -> Iterator[str]:
         proc.stdout.close()
 
 
+NGINX_REPLY = json.dumps(
+    {
+        "id": "chatcmpl-nginx",
+        "object": "chat.completion",
+        "created": 0,
+        "model": "bench",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "fixed reply"},
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12},
+    }
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def nginx_upstream() -> Iterator[str]:
+    """nginx returning a fixed completion (the issue's reference upstream): one C worker,
+    so the upstream takes little of the two cores the pipeline is measured on."""
+    binary = shutil.which("nginx") or "/usr/sbin/nginx"
+    prefix = Path(tempfile.mkdtemp(prefix="fusillade-nginx-"))
+    prefix.chmod(0o755)
+    port = _free_port()
+    user = "user root root;" if os.geteuid() == 0 else ""
+    reply = NGINX_REPLY.replace("'", "\\'")
+    (prefix / "nginx.conf").write_text(
+        f"""{user}
+worker_processes 1;
+daemon off;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log warn;
+events {{ worker_connections 8192; }}
+http {{
+  access_log off;
+  client_body_temp_path {prefix}/body;
+  keepalive_requests 10000000;
+  keepalive_timeout 300s;
+  server {{
+    listen 127.0.0.1:{port} backlog=4096;
+    location / {{
+      default_type application/json;
+      return 200 '{reply}';
+    }}
+  }}
+}}
+"""
+    )
+    proc = subprocess.Popen(
+        [binary, "-p", str(prefix), "-c", str(prefix / "nginx.conf")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        services.wait_for(lambda: _answers(url), 10, what="nginx")
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        shutil.rmtree(prefix, ignore_errors=True)
+
+
+def _answers(url: str) -> bool:
+    try:
+        return requests.post(url + "/v1/chat/completions", data=b"{}", timeout=1).ok
+    except requests.RequestException:
+        return False
+
+
+def nginx_available() -> bool:
+    return bool(shutil.which("nginx") or Path("/usr/sbin/nginx").exists())
+
+
+def instant_upstream(use_nginx: bool) -> Any:
+    return nginx_upstream() if use_nginx else mock_upstream(0)
+
+
 def bare_loop(url: str, n: int) -> float:
     """Requests per second of one requests.Session posting sequentially: the reference."""
     session = requests.Session()
@@ -108,7 +200,7 @@ def cluster(env_extra: dict[str, str], workers: int, concurrency: int) -> Iterat
             **env_extra,
         }
         logdir = Path(tempfile.mkdtemp(prefix="fusillade-bench-"))
-        procs = []
+        procs: list[subprocess.Popen[bytes]] = []
 
         def celery(args: list[str], log: str) -> None:
             with (logdir / log).open("wb") as fh:
@@ -147,6 +239,8 @@ def cluster(env_extra: dict[str, str], workers: int, concurrency: int) -> Iterat
                     60,
                     what="benchmark worker",
                 )
+            # Worker pids (the first ``workers`` after beat) for the RSS figures.
+            env["BENCH_WORKER_PIDS"] = ",".join(str(p.pid) for p in procs[1:])
             yield env
         finally:
             for p in procs:
@@ -156,6 +250,19 @@ def cluster(env_extra: dict[str, str], workers: int, concurrency: int) -> Iterat
             services.drop_database(admin, name)
 
 
+def worker_rss_mb(env: dict[str, str]) -> list[float]:
+    """Resident set size of each worker process, from /proc."""
+    out = []
+    for pid in env.get("BENCH_WORKER_PIDS", "").split(","):
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            continue
+        kb = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS"))
+        out.append(round(kb / 1024, 1))
+    return out
+
+
 def run_distributed(
     n: int,
     latency_ms: float,
@@ -163,12 +270,14 @@ def run_distributed(
     workers: int,
     concurrency: int,
     extra: dict[str, str] | None = None,
+    use_nginx: bool = False,
 ) -> dict[str, Any]:
     from fusillade_celery.app import configure
     from fusillade_celery.settings import Settings
     from fusillade_celery.submit import Client
 
-    with mock_upstream(latency_ms) as url, tempfile.TemporaryDirectory() as tmp:
+    upstream_cm = instant_upstream(use_nginx) if latency_ms == 0 else mock_upstream(latency_ms)
+    with upstream_cm as url, tempfile.TemporaryDirectory() as tmp:
         src = write_input(Path(tmp) / "in.jsonl", n)
         env_extra = {
             "FUSILLADE_UPSTREAM_URL": url,
@@ -176,21 +285,25 @@ def run_distributed(
             "FUSILLADE_CLAIM_BATCH_SIZE": str(max(limit, 100)),
             **(extra or {}),
         }
-        bare_n = min(n, 2000) if latency_ms == 0 else 5
+        bare_n = min(n, 5000) if latency_ms == 0 else 5
         bare = bare_loop(url, bare_n)
         with cluster(env_extra, workers, concurrency) as env:
             settings = Settings.from_env(env)
             configure(settings)
             client = Client(settings)
+            if not use_nginx:
+                requests.post(url + "/_mock/reset", timeout=5)
             start = time.perf_counter()
             batch_id = client.submit_batch(src)
             submitted = time.perf_counter()
-            while client.get_batch(batch_id)["status"] != "completed":
+            submitted_wall = time.time()
+            while client.get_batch(batch_id, counts_max_age_s=1.0)["status"] != "completed":
                 time.sleep(0.05)
             elapsed = time.perf_counter() - start
             counts = client.get_batch(batch_id)["request_counts"]
+            rss = worker_rss_mb(env)
         rate = n / elapsed
-        out = {
+        out: dict[str, Any] = {
             "requests": n,
             "seconds": round(elapsed, 2),
             "submit_seconds": round(submitted - start, 2),
@@ -201,8 +314,13 @@ def run_distributed(
             "workers": workers,
             "concurrency": concurrency,
             "limit": limit,
-            "upstream": "mock-upstream (aiohttp)",
+            "worker_rss_mb": rss,
+            "upstream": "nginx (fixed reply)" if use_nginx else "mock-upstream (aiohttp)",
         }
+        if not use_nginx:
+            first = requests.get(url + "/_mock/stats", timeout=30).json().get("first_call_at")
+            if first is not None:
+                out["first_call_after_submit_s"] = round(first - submitted_wall, 3)
         if latency_ms:
             ideal = limit / (latency_ms / 1000.0)
             out["ideal_req_per_s"] = ideal
@@ -210,8 +328,8 @@ def run_distributed(
         return out
 
 
-def run_embedded(n: int) -> dict[str, Any]:
-    with mock_upstream(0) as url, tempfile.TemporaryDirectory() as tmp:
+def run_embedded(n: int, use_nginx: bool = False) -> dict[str, Any]:
+    with instant_upstream(use_nginx) as url, tempfile.TemporaryDirectory() as tmp:
         src = write_input(Path(tmp) / "in.jsonl", n)
         env = {
             **os.environ,
@@ -220,7 +338,7 @@ def run_embedded(n: int) -> dict[str, Any]:
             "FUSILLADE_MODEL_LIMITS": "bench=32",
         }
         env.pop("FUSILLADE_BROKER_URL", None)
-        bare = bare_loop(url, min(n, 2000))
+        bare = bare_loop(url, min(n, 5000))
         start = time.perf_counter()
         subprocess.run(
             [PY, "-m", "fusillade_celery.cli", "run", "-q", str(src)],
@@ -235,58 +353,184 @@ def run_embedded(n: int) -> dict[str, Any]:
         "req_per_s": round(n / elapsed, 1),
         "bare_loop_req_per_s": round(bare, 1),
         "ratio_to_bare_loop": round(n / elapsed / bare, 2),
+        "upstream": "nginx (fixed reply)" if use_nginx else "mock-upstream (aiohttp)",
     }
 
 
-def run_submit(n: int) -> dict[str, Any]:
-    """Submit n lines to PostgreSQL in a child process (its peak RSS is the figure), then
-    stream the (pending-state) input back to time the reader."""
+def _child_json(code: str) -> dict[str, Any]:
+    """Run ``code`` in a fresh interpreter (its peak RSS is then its own) and parse the JSON
+    object it prints last."""
+    res = subprocess.run([PY, "-c", code], capture_output=True, text=True, check=True)
+    return dict(json.loads(res.stdout.strip().splitlines()[-1]))
+
+
+_CHILD_PRELUDE = (
+    "import time,resource,json,sys\n"
+    "from fusillade_celery.settings import Settings\n"
+    "from fusillade_celery.submit import Client\n"
+    "def rss(): return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss/1024)\n"
+)
+
+
+def claim_statement_ms(db_url: str, batch_size: int = 1000, rounds: int = 7) -> dict[str, Any]:
+    """Median time of the claim statement (``Store.claim``: lock, in-flight count, pick and
+    update of ``batch_size`` rows) over ``rounds`` claims, with the claimed rows put back to
+    pending (and the table vacuumed) after each so every round sees the same table; plus the
+    EXPLAIN of the pick."""
+    from sqlalchemy import text
+
+    from fusillade_celery.db import get_engine
+    from fusillade_celery.store import Store
+
+    store = Store(get_engine(db_url))
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        _, rows = store.claim("bench", "bench", 10**9, batch_size, time.time())
+        times.append((time.perf_counter() - t0) * 1000)
+        with store.engine.begin() as conn:  # benchmark setup: put them back
+            conn.execute(
+                text(
+                    "UPDATE requests SET state='pending', claim_token=NULL, routed_model=NULL "
+                    "WHERE id = ANY(:ids)"
+                ),
+                {"ids": [r.id for r in rows]},
+            )
+        # What autovacuum does between claims in a real run; without it the put-back rows'
+        # dead index entries pile up and every round reads more of them.
+        with store.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            conn.execute(text("VACUUM ANALYZE requests"))
+    with store.engine.begin() as conn:
+        plan = [
+            r[0]
+            for r in conn.execute(
+                text(
+                    "EXPLAIN SELECT id FROM requests WHERE model='bench' AND state='pending' "
+                    "AND (not_before IS NULL OR not_before <= 0) ORDER BY deadline, id "
+                    f"LIMIT {batch_size} FOR UPDATE SKIP LOCKED"
+                )
+            )
+        ]
+    times.sort()
+    return {
+        "claim_rows": batch_size,
+        "claim_ms_median": round(times[len(times) // 2], 2),
+        "uses_index": any("ix_requests_pending" in line for line in plan),
+        "plan_top": plan[:3],
+    }
+
+
+def run_scale(n: int, small: int = 10_000) -> dict[str, Any]:
+    """Targets 3 and 4: submit ``n`` lines (time, peak RSS of the submitting process), the
+    claim statement's time at ``small`` and at ``n`` pending rows, and the results stream
+    (every row marked completed, then ``iter_results`` read in a fresh process)."""
+    from sqlalchemy import text
+
     from fusillade_celery.db import get_engine, normalize_url
     from fusillade_celery.migrate import upgrade
 
+    out: dict[str, Any] = {"lines": n}
     with services.postgres_server() as admin, tempfile.TemporaryDirectory() as tmp:
-        name = services.create_database(admin)
-        db_url = normalize_url(services.with_db(admin, name))
-        upgrade(get_engine(db_url))
-        src = write_input(Path(tmp) / "big.jsonl", n)
-        code = (
-            "import time,resource,json,sys;from fusillade_celery.settings import Settings;"
-            "from fusillade_celery.submit import Client;"
-            f"c=Client(Settings().replace(database_url={db_url!r},upstream_url='http://127.0.0.1:9'));"
-            f"t=time.perf_counter();b=c.submit_batch({str(src)!r});s=time.perf_counter()-t;"
-            "t=time.perf_counter();k=sum(1 for _ in c.iter_file(c.get_batch(b)['input_file_id']));"
-            "r=time.perf_counter()-t;"
-            "print(json.dumps({'submit_seconds':round(s,2),'read_lines_per_s':round(k/r),"
-            "'peak_rss_mb':round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss/1024)}))"
-        )
-        res = subprocess.run([PY, "-c", code], capture_output=True, text=True, check=True)
-        services.drop_database(admin, name)
-    return {
-        "lines": n,
-        "bytes": src.stat().st_size if src.exists() else None,
-        **json.loads(res.stdout),
-    }
+        for size, label in ((small, "small"), (n, "large")):
+            name = services.create_database(admin)
+            db_url = normalize_url(services.with_db(admin, name))
+            upgrade(get_engine(db_url))
+            src = write_input(Path(tmp) / f"in-{size}.jsonl", size)
+            sub = _child_json(
+                _CHILD_PRELUDE + f"c=Client(Settings().replace(database_url={db_url!r},"
+                "upstream_url='http://127.0.0.1:9'))\n"
+                f"t=time.perf_counter();b=c.submit_batch({str(src)!r});s=time.perf_counter()-t\n"
+                "print(json.dumps({'batch':b,'submit_seconds':round(s,2),'peak_rss_mb':rss()}))"
+            )
+            out[f"claim_at_{size}_pending"] = claim_statement_ms(db_url)
+            if label == "large":
+                out["bytes"] = src.stat().st_size
+                out["submit_seconds"] = sub["submit_seconds"]
+                out["submit_lines_per_s"] = round(size / sub["submit_seconds"])
+                out["submit_peak_rss_mb"] = sub["peak_rss_mb"]
+                with get_engine(db_url).begin() as conn:  # benchmark setup: all completed
+                    conn.execute(
+                        text(
+                            "UPDATE requests SET state='completed', response_status=200, "
+                            "completed_at=extract(epoch from now()), "
+                            'response_body=\'{"id":"c","object":"chat.completion",'
+                            '"choices":[]}\''
+                        )
+                    )
+                read = _child_json(
+                    _CHILD_PRELUDE + f"c=Client(Settings().replace(database_url={db_url!r}))\n"
+                    "t=time.perf_counter();k=0;marks=[]\n"
+                    f"for line in c.iter_results({sub['batch']!r}):\n"
+                    "    k+=1\n"
+                    f"    if k in ({size // 10},{size}): marks.append(rss())\n"
+                    "r=time.perf_counter()-t\n"
+                    "print(json.dumps({'lines':k,'lines_per_s':round(k/r),"
+                    "'rss_mb_at_10pct_and_end':marks}))"
+                )
+                out["results_stream"] = read
+            get_engine(db_url).dispose()
+            services.drop_database(admin, name)
+    return out
+
+
+def run_memory(first: int, total: int, workers: int, concurrency: int, use_nginx: bool) -> dict:
+    """Target 5: worker RSS after ``first`` requests and after ``total`` (same workers)."""
+    from fusillade_celery.app import configure
+    from fusillade_celery.settings import Settings
+    from fusillade_celery.submit import Client
+
+    with instant_upstream(use_nginx) as url, tempfile.TemporaryDirectory() as tmp:
+        env_extra = {"FUSILLADE_UPSTREAM_URL": url, "FUSILLADE_MODEL_LIMITS": "bench=1000"}
+        with cluster(env_extra, workers, concurrency) as env:
+            settings = Settings.from_env(env)
+            configure(settings)
+            client = Client(settings)
+            marks = []
+            done = 0
+            for size in (first, total - first):
+                src = write_input(Path(tmp) / f"in-{size}.jsonl", size)
+                batch_id = client.submit_batch(src)
+                while client.get_batch(batch_id, counts_max_age_s=1.0)["status"] != "completed":
+                    time.sleep(0.2)
+                done += size
+                marks.append({"after_requests": done, "worker_rss_mb": worker_rss_mb(env)})
+    first_rss = sum(marks[0]["worker_rss_mb"])
+    last_rss = sum(marks[-1]["worker_rss_mb"])
+    return {"marks": marks, "growth": round(last_rss / first_rss - 1, 3)}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--scenarios", default="instant,latency,embedded,submit")
-    p.add_argument("--instant-requests", type=int, default=5000)
-    p.add_argument("--latency-requests", type=int, default=3000)
-    p.add_argument("--latency-limit", type=int, default=500)
+    p.add_argument("--scenarios", default="instant,latency,embedded,scale,memory")
+    p.add_argument("--instant-requests", type=int, default=20_000)
+    p.add_argument("--instant-limit", type=int, default=1000)
+    p.add_argument("--latency-requests", type=int, default=10_000)
+    p.add_argument("--latency-limit", type=int, default=1000)
+    p.add_argument(
+        "--no-nginx", action="store_true", help="use the aiohttp mock even if nginx is installed"
+    )
     p.add_argument("--embedded-requests", type=int, default=2000)
-    p.add_argument("--submit-lines", type=int, default=100_000)
+    p.add_argument("--scale-lines", type=int, default=1_000_000)
+    p.add_argument("--memory-requests", type=int, default=100_000)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--concurrency", type=int, default=100)
     args = p.parse_args(argv)
     wanted = args.scenarios.split(",")
+    use_nginx = nginx_available() and not args.no_nginx
     result: dict[str, Any] = {
         "machine": {"cores": os.cpu_count()},
-        "nginx": "not used (mock-upstream)",
+        "nginx": "used for the instant upstream"
+        if use_nginx
+        else "not used (not installed or --no-nginx): mock-upstream for every scenario",
     }
     if "instant" in wanted:
         result["instant"] = run_distributed(
-            args.instant_requests, 0, 10_000, args.workers, args.concurrency
+            args.instant_requests,
+            0,
+            args.instant_limit,
+            args.workers,
+            args.concurrency,
+            use_nginx=use_nginx,
         )
     if "latency" in wanted:
         result["latency"] = run_distributed(
@@ -297,9 +541,17 @@ def main(argv: list[str] | None = None) -> int:
             max(args.concurrency, args.latency_limit // args.workers + 10),
         )
     if "embedded" in wanted:
-        result["embedded"] = run_embedded(args.embedded_requests)
-    if "submit" in wanted:
-        result["submit"] = run_submit(args.submit_lines)
+        result["embedded"] = run_embedded(args.embedded_requests, use_nginx)
+    if "scale" in wanted:
+        result["scale"] = run_scale(args.scale_lines)
+    if "memory" in wanted:
+        result["memory"] = run_memory(
+            args.memory_requests // 10,
+            args.memory_requests,
+            args.workers,
+            args.concurrency,
+            use_nginx,
+        )
     result["bench_peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     print(json.dumps(result, indent=2))
     return 0

@@ -96,7 +96,7 @@ def get_settings() -> Settings:
 
 def get_store() -> Store:
     settings = get_settings()
-    return Store(get_engine(settings.database_url, settings.db_pool_size))
+    return Store(get_engine(settings.database_url, settings.db_pool_size, pre_ping=False))
 
 
 @signals.celeryd_after_setup.connect

@@ -104,7 +104,7 @@ def _follow(
     from .states import TERMINAL_BATCH, BatchStatus
 
     while True:
-        batch: dict[str, Any] = client.get_batch(batch_id)
+        batch: dict[str, Any] = client.get_batch(batch_id, counts_max_age_s=0.5)
         on_progress(batch)
         if BatchStatus(batch["status"]) in TERMINAL_BATCH:
             return batch

@@ -14,7 +14,7 @@ from typing import Any
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 
-_engines: dict[tuple[str, int], Engine] = {}
+_engines: dict[tuple[str, int, bool], Engine] = {}
 _lock = threading.Lock()
 
 
@@ -34,15 +34,20 @@ def is_sqlite(url: str) -> bool:
     return make_url(normalize_url(url)).get_backend_name() == "sqlite"
 
 
-def get_engine(url: str, pool_size: int = 10) -> Engine:
-    """The process's engine for ``url`` (a new one after fork: the key holds the pid)."""
-    key = (url, os.getpid())
+def get_engine(url: str, pool_size: int = 10, pre_ping: bool = True) -> Engine:
+    """The process's engine for ``url`` (a new one after fork: the key holds the pid).
+
+    ``pre_ping`` tests each connection on checkout (one round trip). Clients keep it: their
+    calls are not retried. Workers turn it off: every store method they call retries the whole
+    transaction on a dropped connection, and on the hot path that ping was a round trip per
+    transaction."""
+    key = (url, os.getpid(), pre_ping)
     engine = _engines.get(key)
     if engine is None:
         with _lock:
             engine = _engines.get(key)
             if engine is None:
-                engine = _create(url, pool_size)
+                engine = _create(url, pool_size, pre_ping)
                 _engines[key] = engine
     return engine
 
@@ -50,13 +55,13 @@ def get_engine(url: str, pool_size: int = 10) -> Engine:
 def dispose_all() -> None:
     """Drop every engine of this process (tests, worker shutdown)."""
     with _lock:
-        for (_, pid), engine in list(_engines.items()):
+        for (_, pid, _), engine in list(_engines.items()):
             if pid == os.getpid():
                 engine.dispose()
         _engines.clear()
 
 
-def _create(url: str, pool_size: int) -> Engine:
+def _create(url: str, pool_size: int, pre_ping: bool) -> Engine:
     url = normalize_url(url)
     if is_sqlite(url):
         engine = create_engine(url, connect_args={"timeout": 60, "check_same_thread": False})
@@ -65,7 +70,7 @@ def _create(url: str, pool_size: int) -> Engine:
     kwargs: dict[str, Any] = {
         "pool_size": pool_size,
         "max_overflow": pool_size * 2,
-        "pool_pre_ping": True,  # a terminated backend costs one ping, not a failed task
+        "pool_pre_ping": pre_ping,
         "pool_recycle": 1800,
     }
     return create_engine(url, **kwargs)

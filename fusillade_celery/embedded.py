@@ -120,7 +120,7 @@ def run_batch(
                 last_reap = now
             claimer.claim_all(store, settings, publish_execute)
             maintenance.finalize(store, settings)
-            batch = client.get_batch(batch_id)
+            batch = client.get_batch(batch_id, counts_max_age_s=0.5)
             if on_progress is not None:
                 on_progress(batch)
             if BatchStatus(batch["status"]) in TERMINAL_BATCH:

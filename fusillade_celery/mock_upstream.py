@@ -56,6 +56,7 @@ class MockState:
         self.disconnects = 0
         self.log: list[dict[str, Any]] = []
         self.seq = 0
+        self.first_call_at: float | None = None
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -64,6 +65,7 @@ class MockState:
             "in_flight": {k: v for k, v in self.in_flight.items() if v},
             "peak_concurrency": dict(self.peak),
             "disconnects": self.disconnects,
+            "first_call_at": self.first_call_at,
             "log": self.log if self.config.log_calls else [],
         }
 
@@ -114,6 +116,8 @@ def build_app(config: MockConfig) -> web.Application:
         state.calls += 1
         state.seq += 1
         seq = state.seq
+        if state.first_call_at is None:
+            state.first_call_at = time.time()
         state.by_custom_id[custom_id] += 1
         call = state.by_custom_id[custom_id]
         state.in_flight[model] += 1
