@@ -8,6 +8,7 @@ worker on every machine; queues carry ids and tokens, never state.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 
@@ -80,4 +81,37 @@ def claim_all(store: Store, settings: Settings, publish: Publish) -> dict[str, i
     return {m: claim_model(store, settings, publish, m, now) for m in sorted(store.active_models())}
 
 
-__all__ = ["Claimed", "Publish", "chunked", "claim_all", "claim_model"]
+class Refill:
+    """Slot-release refills of one process, coalesced per model.
+
+    Every write-back that frees slots asks for a claim. Run one per request and a busy worker
+    spends its time counting in-flight rows (and queueing on the claim lock); skip the ones that
+    find a claim already running and the slots they freed wait for beat's next tick. So: at most
+    one refill per model runs at a time in this process, and any request that arrives meanwhile
+    folds into exactly one more run right after it (which sees every slot freed until then)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._state: dict[str, bool] = {}  # model -> "run again when done"
+
+    def request(self, model: str, run: Callable[[], object]) -> None:
+        with self._lock:
+            if model in self._state:
+                self._state[model] = True
+                return
+            self._state[model] = False
+        try:
+            while True:
+                run()
+                with self._lock:
+                    if not self._state[model]:
+                        del self._state[model]
+                        return
+                    self._state[model] = False
+        except BaseException:
+            with self._lock:
+                self._state.pop(model, None)
+            raise
+
+
+__all__ = ["Claimed", "Publish", "Refill", "chunked", "claim_all", "claim_model"]

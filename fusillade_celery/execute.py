@@ -100,11 +100,14 @@ def execute(
     worker_id: str,
     schedule_retry: ScheduleRetry,
     watch: CancelWatch | None = None,
+    slots_freed: Callable[[set[str]], None] | None = None,
 ) -> Report:
     """Start the rows still holding ``token``, attempt them, write back in batched, fenced
     chunks as they finish (at most ``FLUSH_S`` apart), and schedule retries grouped by delay.
     Stale ids (reclaimed, cancelled, done) are skipped; attempts of a batch cancelled meanwhile
-    are aborted under gevent (the row is already ``canceled``: nothing to write)."""
+    are aborted under gevent (the row is already ``canceled``: nothing to write).
+    ``slots_freed(models)`` is called after each write-back that ended requests, so the model's
+    freed slots are claimed again while the slower requests of this message still run."""
     report = Report()
     items = store.start(ids, token, worker_id, time.time())
     report.started = len(items)
@@ -126,4 +129,7 @@ def execute(
             finishes.append(decide(by_id[key], outcome, finished_at, settings))
         if finishes:
             _write_back(store, token, finishes, report, schedule_retry)
+        ended = len(chunk) - sum(f.state is RequestState.RETRYING for f in finishes)
+        if slots_freed is not None and ended:
+            slots_freed({by_id[key].model for key, _, _ in chunk})
     return report

@@ -240,11 +240,10 @@ class Store:
         r = t.requests
         with self._tx() as conn:
             if self.is_postgres:
-                got = conn.execute(
-                    select(func.pg_try_advisory_xact_lock(_lock_key(routed_model)))
-                ).scalar()
-                if not got:
-                    return token, []
+                # Wait rather than skip: a claimer that gave up here would leave the slots
+                # freed since the running claim counted idle until the next trigger. The wait
+                # is one short claim statement; each process runs at most one (claimer.Refill).
+                conn.execute(select(func.pg_advisory_xact_lock(_lock_key(routed_model))))
             in_flight = conn.execute(
                 select(func.count())
                 .select_from(r)

@@ -6,6 +6,7 @@ and the broker show is safe to show.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -19,6 +20,9 @@ from .queues import direct_queue, queue_for_model
 from .workers import worker_id
 
 log = logging.getLogger(__name__)
+
+#: This process's slot-release refills (see claimer.Refill).
+REFILL = claimer.Refill()
 
 
 @signals.celeryd_init.connect
@@ -67,6 +71,14 @@ def execute_requests(self: Task, routed_model: str, token: str, ids: list[int]) 
             retries=(self.request.retries or 0) + 1,
         )
 
+    def slots_freed(models: set[str]) -> None:
+        # Refill at once rather than at beat's next tick; coalesced per process.
+        for model in models:
+            REFILL.request(
+                model,
+                functools.partial(claimer.claim_model, store, settings, publish_execute, model),
+            )
+
     report = execute.execute(
         store,
         settings,
@@ -78,12 +90,8 @@ def execute_requests(self: Task, routed_model: str, token: str, ids: list[int]) 
         get_watch(
             store, settings.cancellation_poll_interval_ms / 1000.0, upstream.POOL_SIZE["size"]
         ),
+        slots_freed,
     )
-    if report.started:
-        # Slots were freed (or will be by the retries' own completion): refill at once
-        # rather than waiting for the next beat tick.
-        for model in report.models:
-            claimer.claim_model(store, settings, publish_execute, model)
     return {
         "started": report.started,
         "completed": report.completed,
