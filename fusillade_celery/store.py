@@ -186,7 +186,11 @@ class Store:
             conn.execute(insert(t.files), [file_row])
             stmt = insert(t.request_templates)
             for chunk in template_chunks:
-                if chunk:
+                if not chunk:
+                    continue
+                if self.is_postgres:
+                    self._copy_rows(conn, t.request_templates, chunk)
+                else:
                     conn.execute(stmt, chunk)
             batch, file_update = make_batch()
             conn.execute(
@@ -210,6 +214,18 @@ class Store:
                 )
             )
             return str(batch["id"])
+
+    @staticmethod
+    def _copy_rows(conn: Connection, table: Any, rows: list[dict[str, Any]]) -> None:
+        """Bulk insert with PostgreSQL's COPY, inside the caller's transaction. Why: an
+        executemany INSERT is a statement per row, and at a million lines that was most of a
+        submit's time; COPY streams the rows in one command."""
+        columns = list(rows[0])
+        cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+        names = ", ".join(f'"{c}"' for c in columns)
+        with cursor.copy(f'COPY "{table.name}" ({names}) FROM STDIN') as copy:
+            for row in rows:
+                copy.write_row([row[c] for c in columns])
 
     # ------------------------------------------------------------------ claim
 

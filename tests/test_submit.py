@@ -247,3 +247,29 @@ def test_cli_bad_configuration_is_one_line(
         .err.strip()
         .startswith("fusillade-celery: error: configuration: FUSILLADE_MODEL_LIMITS")
     )
+
+
+def test_pollers_may_take_cached_counts_but_a_finished_batch_reads_final_ones(
+    client: Client,
+) -> None:
+    import time
+
+    from fusillade_celery import maintenance
+    from fusillade_celery.states import RequestState
+    from fusillade_celery.store import Finish
+
+    batch_id = client.submit_batch([line("a"), line("b")])
+    assert client.get_batch(batch_id, counts_max_age_s=60)["request_counts"]["completed"] == 0
+    token, rows = client.store.claim("m1", "m1", 10, 10, time.time())
+    ids = [r.id for r in rows]
+    client.store.start(ids, token, "w1", time.time())
+    client.store.finish([Finish(ids[0], RequestState.COMPLETED, 200, "{}")], token, time.time())
+    # a poller accepting 60 s old counts sees the cached ones; a plain read counts afresh
+    assert client.get_batch(batch_id, counts_max_age_s=60)["request_counts"]["completed"] == 0
+    assert client.get_batch(batch_id)["request_counts"]["completed"] == 1
+    client.store.finish([Finish(ids[1], RequestState.COMPLETED, 200, "{}")], token, time.time())
+    maintenance.finalize(client.store, client.settings)
+    # finished: the cache is bypassed once, and the final counts are exact
+    batch = client.get_batch(batch_id, counts_max_age_s=60)
+    assert batch["status"] == "completed"
+    assert batch["request_counts"] == {"total": 2, "completed": 2, "failed": 0}
