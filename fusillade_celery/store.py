@@ -317,43 +317,47 @@ class Store:
         """claimed|retrying -> processing for the rows still holding ``token``; returns what
         the attempts need. Rows not returned were reclaimed, cancelled or already done."""
         r, rt, b = t.requests, t.request_templates, t.batches
+        columns = [
+            r.c.id,
+            r.c.custom_id,
+            r.c.batch_id,
+            r.c.model,
+            r.c.routed_model,
+            r.c.attempt,
+            r.c.deadline,
+            rt.c.url,
+            rt.c.body,
+            b.c.upstream_url,
+            b.c.upstream_api_key,
+            *[b.c[c].label("b_" + c) for c in HEADER_COLUMNS],
+        ]
+        move = update(r).where(
+            self._id_in(r.c.id, ids),
+            r.c.claim_token == token,
+            _fence_state(S.CLAIMED, S.RETRYING),
+        )
+        values = {"state": S.PROCESSING.value, "started_at": now, "worker_id": worker_id}
         with self._tx() as conn:
-            started = (
-                conn.execute(
-                    update(r)
-                    .where(
-                        self._id_in(r.c.id, ids),
-                        r.c.claim_token == token,
-                        _fence_state(S.CLAIMED, S.RETRYING),
-                    )
-                    .values(state=S.PROCESSING.value, started_at=now, worker_id=worker_id)
-                    .returning(r.c.id)
-                )
-                .scalars()
-                .all()
-            )
-            if not started:
-                return []
-            rows = conn.execute(
-                select(
-                    r.c.id,
-                    r.c.custom_id,
-                    r.c.batch_id,
-                    r.c.model,
-                    r.c.routed_model,
-                    r.c.attempt,
-                    r.c.deadline,
-                    rt.c.url,
-                    rt.c.body,
-                    b.c.upstream_url,
-                    b.c.upstream_api_key,
-                    *[b.c[c].label("b_" + c) for c in HEADER_COLUMNS],
-                )
-                .join(rt, rt.c.id == r.c.template_id)
-                .join(b, b.c.id == r.c.batch_id)
-                .where(self._id_in(r.c.id, started))
-                .order_by(r.c.id)
-            ).mappings()
+            if self.is_postgres:
+                # One statement: the fenced move, joined to what the attempts need.
+                rows: Iterable[Any] = conn.execute(
+                    move.where(rt.c.id == r.c.template_id, b.c.id == r.c.batch_id)
+                    .values(**values)
+                    .returning(*columns)
+                ).mappings()
+                rows = sorted(rows, key=lambda m: m["id"])
+            else:
+                # SQLite's RETURNING cannot name the joined tables: move, then read.
+                started = conn.execute(move.values(**values).returning(r.c.id)).scalars().all()
+                if not started:
+                    return []
+                rows = conn.execute(
+                    select(*columns)
+                    .join(rt, rt.c.id == r.c.template_id)
+                    .join(b, b.c.id == r.c.batch_id)
+                    .where(self._id_in(r.c.id, started))
+                    .order_by(r.c.id)
+                ).mappings()
             return [
                 WorkItem(
                     id=m["id"],
