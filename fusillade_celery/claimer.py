@@ -1,8 +1,9 @@
 """The claim path: pending rows -> claimed -> execute messages on ``model.<name>`` queues.
 
-Runs on beat's schedule, right after a submit, and inline in a worker whenever a message
-finishes and frees slots. Capacity is counted in the database, so the limit holds across every
-worker on every machine; queues carry ids and tokens, never state.
+Runs on beat's schedule, right after a submit, and in a worker whenever a write-back frees
+slots (``Refill``, in the background of the worker process). Capacity is counted in the
+database, so the limit holds across every worker on every machine; queues carry ids and
+tokens, never state.
 """
 
 from __future__ import annotations
@@ -82,36 +83,47 @@ def claim_all(store: Store, settings: Settings, publish: Publish) -> dict[str, i
 
 
 class Refill:
-    """Slot-release refills of one process, coalesced per model.
+    """Slot-release refills of one process: coalesced per model, run in the background.
 
     Every write-back that frees slots asks for a claim. Run one per request and a busy worker
-    spends its time counting in-flight rows (and queueing on the claim lock); skip the ones that
-    find a claim already running and the slots they freed wait for beat's next tick. So: at most
-    one refill per model runs at a time in this process, and any request that arrives meanwhile
-    folds into exactly one more run right after it (which sees every slot freed until then)."""
+    spends its time counting in-flight rows and queueing on the claim lock; skip the ones that
+    find a claim already running and the slots they freed wait for beat's next tick; run them
+    inline and a message's own write-backs wait behind other messages' claims. So ``request``
+    never blocks: it wakes one background runner per model (a greenlet under gevent), which
+    claims until no request arrived during its last claim. Each claim sees every slot freed
+    before it started; a failed claim is logged and left to the next request or beat's tick."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._state: dict[str, bool] = {}  # model -> "run again when done"
+        self._wanted: dict[str, Callable[[], object]] = {}  # model -> latest claim to run
+        self._running: set[str] = set()
 
     def request(self, model: str, run: Callable[[], object]) -> None:
         with self._lock:
-            if model in self._state:
-                self._state[model] = True
+            self._wanted[model] = run
+            if model in self._running:
                 return
-            self._state[model] = False
-        try:
-            while True:
-                run()
-                with self._lock:
-                    if not self._state[model]:
-                        del self._state[model]
-                        return
-                    self._state[model] = False
-        except BaseException:
+            self._running.add(model)
+        threading.Thread(
+            target=self._loop, args=(model,), name=f"fusillade-refill-{model}", daemon=True
+        ).start()
+
+    def _loop(self, model: str) -> None:
+        while True:
             with self._lock:
-                self._state.pop(model, None)
-            raise
+                run = self._wanted.pop(model, None)
+                if run is None:
+                    self._running.discard(model)
+                    return
+            try:
+                run()
+            except Exception as exc:  # noqa: BLE001 - beat's tick claims what this missed
+                log.warning("refill claim for %s failed (%s); beat will claim", model, exc)
+
+    def idle(self) -> bool:
+        """No refill running or asked for (tests)."""
+        with self._lock:
+            return not self._running and not self._wanted
 
 
 __all__ = ["Claimed", "Publish", "Refill", "chunked", "claim_all", "claim_model"]

@@ -40,7 +40,6 @@ class Report:
     retrying: int = 0
     stale: int = 0
     aborted: int = 0
-    models: set[str] = field(default_factory=set)
     retries: dict[float, list[int]] = field(default_factory=dict)
 
 
@@ -107,12 +106,12 @@ def execute(
     Stale ids (reclaimed, cancelled, done) are skipped; attempts of a batch cancelled meanwhile
     are aborted under gevent (the row is already ``canceled``: nothing to write).
     ``slots_freed(models)`` is called after each write-back that ended requests, so the model's
-    freed slots are claimed again while the slower requests of this message still run."""
+    freed slots are claimed again while the slower requests of this message still run; it must
+    return at once (the task's version only wakes ``claimer.Refill``)."""
     report = Report()
     items = store.start(ids, token, worker_id, time.time())
     report.started = len(items)
     report.stale = len(ids) - len(items)
-    report.models = {item.model for item in items}
     if watch is None:
         watch = CancelWatch(store, poll_s=settings.cancellation_poll_interval_ms / 1000.0)
     by_id = {item.id: item for item in items}

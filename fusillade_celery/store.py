@@ -257,8 +257,10 @@ class Store:
         with self._tx() as conn:
             if self.is_postgres:
                 # Wait rather than skip: a claimer that gave up here would leave the slots
-                # freed since the running claim counted idle until the next trigger. The wait
-                # is one short claim statement; each process runs at most one (claimer.Refill).
+                # freed since the running claim counted idle until the next trigger. The lock
+                # is this transaction's first statement (a waiter holds nothing) and the
+                # holder's transaction is one short claim; refills queue at most one waiter
+                # per model per worker process (claimer.Refill), plus beat's and submit's.
                 conn.execute(select(func.pg_advisory_xact_lock(_lock_key(routed_model))))
             in_flight = conn.execute(
                 select(func.count())

@@ -200,6 +200,8 @@ class Client:
         else:
             counts = self.store.request_counts(batch_id)
             if finished or counts_max_age_s > 0:
+                if len(self._counts) >= 1024:  # a long-lived client: forget the oldest
+                    self._counts.pop(next(iter(self._counts)))
                 self._counts[batch_id] = (now, counts, finished)
         return batch_object(row, counts)
 

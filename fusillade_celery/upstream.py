@@ -10,6 +10,7 @@ import os
 import threading
 import urllib.parse
 from dataclasses import dataclass
+from http.cookiejar import DefaultCookiePolicy
 from typing import Any
 
 import requests
@@ -68,6 +69,9 @@ def get_session() -> requests.Session:
                 session.mount("http://", adapter)
                 session.mount("https://", adapter)
                 session.trust_env = False
+                # Requests of a batch are independent: no cookie is kept or sent back
+                # (attempt() sends prepared requests, which would not carry them anyway).
+                session.cookies.set_policy(DefaultCookiePolicy(allowed_domains=[]))
                 _shared[pid] = session
     return session
 
@@ -138,7 +142,8 @@ def attempt(session: requests.Session, item: WorkItem, settings: Settings) -> Ou
     try:
         # Prepared here and sent with ``send``: ``Session.post`` would merge session headers,
         # cookies and environment settings on every call, which cost about as much CPU as the
-        # HTTP exchange itself. The session has none of those to merge (see get_session).
+        # HTTP exchange itself. The session has none of those to merge: no headers of its
+        # own (BASE_HEADERS are sent instead), cookies refused, trust_env off (get_session).
         prepared = requests.Request(
             "POST",
             base + item.url,
