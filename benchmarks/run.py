@@ -372,7 +372,7 @@ _CHILD_PRELUDE = (
 )
 
 
-def claim_statement_ms(db_url: str, batch_size: int = 1000, rounds: int = 7) -> dict[str, Any]:
+def claim_statement_ms(db_url: str, batch_size: int = 1000, rounds: int = 15) -> dict[str, Any]:
     """Median time of the claim statement (``Store.claim``: lock, in-flight count, pick and
     update of ``batch_size`` rows) over ``rounds`` claims, with the claimed rows put back to
     pending (and the table vacuumed) after each so every round sees the same table; plus the
