@@ -221,9 +221,11 @@ class Store:
         executemany INSERT is a statement per row, and at a million lines that was most of a
         submit's time; COPY streams the rows in one command."""
         columns = list(rows[0])
-        cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
         names = ", ".join(f'"{c}"' for c in columns)
-        with cursor.copy(f'COPY "{table.name}" ({names}) FROM STDIN') as copy:
+        with (
+            conn.connection.driver_connection.cursor() as cursor,  # type: ignore[union-attr]
+            cursor.copy(f'COPY "{table.name}" ({names}) FROM STDIN') as copy,
+        ):
             for row in rows:
                 copy.write_row([row[c] for c in columns])
 
