@@ -12,7 +12,7 @@ This file ships with no active override; uncomment what your deployment needs.
 
 # Redis redelivers an unacknowledged message after this long; keep it above the longest
 # upstream timeout plus the longest retry countdown:
-# broker_transport_options = {"visibility_timeout": 3600}
+# broker_transport_options = {"visibility_timeout": 3600, "max_connections": 2000}
 
 # Flower / monitoring behind a proxy:
 # worker_send_task_events = True
