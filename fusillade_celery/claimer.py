@@ -91,9 +91,11 @@ class Refill:
     inline and a message's own write-backs wait behind other messages' claims. So ``request``
     never blocks: it wakes one background runner per model (a greenlet under gevent), which
     claims until no request arrived during its last claim. Each claim sees every slot freed
-    before it started; a failed claim is logged and left to the next request or beat's tick."""
+    before it started; a failed claim is logged and left to the next request or beat's tick.
+    The latest request's callable is the one run (it carries the freshest context)."""
 
-    def __init__(self) -> None:
+    def __init__(self, what: str = "refill claim") -> None:
+        self.what = what  # for the log
         self._lock = threading.Lock()
         self._wanted: dict[str, Callable[[], object]] = {}  # model -> latest claim to run
         self._running: set[str] = set()
@@ -117,8 +119,8 @@ class Refill:
                     return
             try:
                 run()
-            except Exception as exc:  # noqa: BLE001 - beat's tick claims what this missed
-                log.warning("refill claim for %s failed (%s); beat will claim", model, exc)
+            except Exception as exc:  # noqa: BLE001 - beat's tick redoes what this missed
+                log.warning("%s for %s failed (%s); left to beat", self.what, model, exc)
 
     def idle(self) -> bool:
         """No refill running or asked for (tests)."""

@@ -99,15 +99,16 @@ def execute(
     worker_id: str,
     schedule_retry: ScheduleRetry,
     watch: CancelWatch | None = None,
-    slots_freed: Callable[[set[str]], None] | None = None,
+    requests_ended: Callable[[set[str], set[str]], None] | None = None,
 ) -> Report:
     """Start the rows still holding ``token``, attempt them, write back in batched, fenced
     chunks as they finish (at most ``FLUSH_S`` apart), and schedule retries grouped by delay.
     Stale ids (reclaimed, cancelled, done) are skipped; attempts of a batch cancelled meanwhile
     are aborted under gevent (the row is already ``canceled``: nothing to write).
-    ``slots_freed(models)`` is called after each write-back that ended requests, so the model's
-    freed slots are claimed again while the slower requests of this message still run; it must
-    return at once (the task's version only wakes ``claimer.Refill``)."""
+    ``requests_ended(models, batch_ids)`` is called after each write-back that ended requests,
+    so the models' freed slots are claimed again while the slower requests of this message
+    still run, and a batch whose last request just ended is closed at once; it must return at
+    once (the task's version only wakes a background runner, ``claimer.Refill``)."""
     report = Report()
     items = store.start(ids, token, worker_id, time.time())
     report.started = len(items)
@@ -128,7 +129,10 @@ def execute(
             finishes.append(decide(by_id[key], outcome, finished_at, settings))
         if finishes:
             _write_back(store, token, finishes, report, schedule_retry)
-        ended = len(chunk) - sum(f.state is RequestState.RETRYING for f in finishes)
-        if slots_freed is not None and ended:
-            slots_freed({by_id[key].model for key, _, _ in chunk})
+        ended = [f.id for f in finishes if f.state is not RequestState.RETRYING]
+        ended += [key for key, o, _ in chunk if isinstance(o, Aborted)]
+        if requests_ended is not None and ended:
+            requests_ended(
+                {by_id[key].model for key in ended}, {by_id[key].batch_id for key in ended}
+            )
     return report

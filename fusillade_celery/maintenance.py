@@ -29,6 +29,16 @@ def finalize(store: Store, settings: Settings, now: float | None = None) -> dict
     return {"expired": expired, "finalized": finalized}
 
 
+def finalize_now(store: Store, batch_ids: list[str]) -> list[str]:
+    """Close these batches if their last requests just ended: a worker calls this after a
+    write-back, so a finished batch reads ``completed`` at once rather than at beat's next
+    finalize tick (up to ``claim_interval_ms`` later). A no-op for batches still running."""
+    finalized = store.finalize_batches(time.time(), only=batch_ids)
+    for batch_id in finalized:
+        log.info("batch %s finalized", batch_id)
+    return finalized
+
+
 def reap(store: Store, settings: Settings, now: float | None = None) -> int:
     """Return orphaned claims to pending so they run again (invariant 3)."""
     now = time.time() if now is None else now

@@ -640,9 +640,11 @@ class Store:
         with self._tx() as conn:
             ids = (
                 conn.execute(
-                    select(b.c.id).where(
+                    select(b.c.id)
+                    .where(
                         _ACTIVE_BATCH, b.c.cancelling_at.is_(None), b.c.expires_at + grace_s <= now
                     )
+                    .with_for_update(of=b)  # against a concurrent finalizer
                 )
                 .scalars()
                 .all()
@@ -656,25 +658,29 @@ class Store:
                 self._attach_result_files(conn, batch_id, now)
                 conn.execute(
                     update(b)
-                    .where(b.c.id == batch_id)
+                    .where(b.c.id == batch_id, _ACTIVE_BATCH)
                     .values(finalizing_at=func.coalesce(b.c.finalizing_at, now), expired_at=now)
                 )
                 expired.append(batch_id)
         return expired
 
     @_on_disconnect_retry
-    def finalize_batches(self, now: float) -> list[str]:
+    def finalize_batches(self, now: float, only: Sequence[str] | None = None) -> list[str]:
         """Active batches whose requests are all terminal get their closing timestamps:
-        finalizing, then completed / failed (nothing completed) / cancelled."""
+        finalizing, then completed / failed (nothing completed) / cancelled. ``only`` limits
+        the pass to those batches (a worker finalizing right after its last write-back).
+        Finalizers run concurrently (beat's and the workers'), so the batch rows are locked
+        and the closing update is conditional: each batch is closed once."""
         r, b = t.requests, t.batches
         unfinished = exists().where(r.c.batch_id == b.c.id, r.c.state.in_(_NOT_TERMINAL))
         done: list[str] = []
+        pick = select(b.c.id, b.c.cancelling_at, b.c.total_requests).where(
+            _ACTIVE_BATCH, ~unfinished
+        )
+        if only is not None:
+            pick = pick.where(b.c.id.in_(list(only)))
         with self._tx() as conn:
-            rows = conn.execute(
-                select(b.c.id, b.c.cancelling_at, b.c.total_requests).where(
-                    _ACTIVE_BATCH, ~unfinished
-                )
-            ).all()
+            rows = conn.execute(pick.with_for_update(of=b)).all()
             for batch_id, cancelling_at, total in rows:
                 completed = conn.execute(
                     select(func.count()).where(
@@ -696,7 +702,7 @@ class Store:
                     )
                 else:
                     values["completed_at"] = now
-                conn.execute(update(b).where(b.c.id == batch_id).values(**values))
+                conn.execute(update(b).where(b.c.id == batch_id, _ACTIVE_BATCH).values(**values))
                 done.append(batch_id)
         return done
 

@@ -21,8 +21,8 @@ from .workers import worker_id
 
 log = logging.getLogger(__name__)
 
-#: This process's slot-release refills (see claimer.Refill).
-REFILL = claimer.Refill()
+#: This process's slot-release refills, one background runner per model (see claimer.Refill).
+REFILL = claimer.Refill("refill claim")
 
 
 @signals.celeryd_init.connect
@@ -43,6 +43,16 @@ def publish_execute(routed_model: str, token: str, ids: Sequence[int]) -> None:
             execute_requests.apply_async(
                 args=(routed_model, token, chunk), queue=queue, producer=producer
             )
+
+
+def _refill(model: str, batch_ids: list[str]) -> None:
+    """Claim the slots just freed. Nothing left to claim means the model's work is running
+    out: then the batches whose requests just ended may be finished, and closing them now
+    rather than at beat's next finalize tick (up to ``claim_interval_ms``) is what a caller
+    polling for ``completed`` sees. While there is work to claim, no finalize query runs."""
+    settings, store = get_settings(), get_store()
+    if claimer.claim_model(store, settings, publish_execute, model) == 0:
+        maintenance.finalize_now(store, batch_ids)
 
 
 @app.task(
@@ -71,13 +81,10 @@ def execute_requests(self: Task, routed_model: str, token: str, ids: list[int]) 
             retries=(self.request.retries or 0) + 1,
         )
 
-    def slots_freed(models: set[str]) -> None:
-        # Refill at once rather than at beat's next tick; coalesced per process.
+    def requests_ended(models: set[str], batch_ids: set[str]) -> None:
+        # Refill at once rather than at beat's next tick; coalesced per process and model.
         for model in models:
-            REFILL.request(
-                model,
-                functools.partial(claimer.claim_model, store, settings, publish_execute, model),
-            )
+            REFILL.request(model, functools.partial(_refill, model, sorted(batch_ids)))
 
     report = execute.execute(
         store,
@@ -90,7 +97,7 @@ def execute_requests(self: Task, routed_model: str, token: str, ids: list[int]) 
         get_watch(
             store, settings.cancellation_poll_interval_ms / 1000.0, upstream.POOL_SIZE["size"]
         ),
-        slots_freed,
+        requests_ended,
     )
     return {
         "started": report.started,

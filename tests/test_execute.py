@@ -279,3 +279,36 @@ def test_reaper_returns_orphans_with_a_new_token(client: Client, settings: Setti
         ).started
         == 0
     )
+
+
+def test_a_batch_is_finalized_right_after_its_last_write_back(
+    client: Client, settings: Settings, mock: MockUpstream
+) -> None:
+    """The worker is told which batches just had requests end; finalizing those closes a
+    finished batch at once (not at beat's next tick), once, and leaves running ones alone."""
+    done_id = client.submit_batch([line("a"), line("b")])
+    running_id = client.submit_batch([line("c", model="m2")])
+    rec = Recorder()
+    claimer.claim_model(client.store, settings, rec.publish, "m1")
+    ended: list[tuple[set[str], set[str]]] = []
+    for _, token, ids in rec.messages:
+        execute(
+            client.store,
+            settings,
+            get_session(),
+            token,
+            ids,
+            "w1",
+            rec.schedule_retry,
+            requests_ended=lambda models, batches: ended.append((models, batches)),
+        )
+    assert ended and all(e == ({"m1"}, {done_id}) for e in ended)
+    assert maintenance.finalize_now(client.store, [done_id, running_id]) == [done_id]
+    first = client.get_batch(done_id)
+    assert first["status"] == "completed"
+    assert first["request_counts"] == {"total": 2, "completed": 2, "failed": 0}
+    # a second finalizer (beat's tick, another worker) finds nothing left to close
+    assert maintenance.finalize_now(client.store, [done_id]) == []
+    assert maintenance.finalize(client.store, settings)["finalized"] == []
+    assert client.get_batch(done_id)["completed_at"] == first["completed_at"]
+    assert client.get_batch(running_id)["status"] in ("validating", "in_progress")
