@@ -5,7 +5,10 @@ Under the gevent pool each attempt runs in its own greenlet, registered here wit
 One watcher greenlet per process asks the database, once per poll interval, which of the
 batches in flight were cancelled, and kills those greenlets: urllib3 closes a connection whose
 request did not finish cleanly, so the upstream sees the socket close at once. Other pools
-cannot interrupt a blocking call; there the result is discarded by the fenced write-back.
+(threads: the embedded mode, ``-P threads``) run a message's attempts on a per-process thread
+pool of the worker's ``-c``; a thread cannot be interrupted, so there an attempt of a cancelled
+batch that has not started is skipped, and a running one's result is discarded by the fenced
+write-back.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from typing import Any, TypeAlias, TypeVar
 
 from .store import Store
@@ -46,6 +51,7 @@ class CancelWatch:
         self.cancelled: set[str] = set()
         self._lock = threading.Lock()
         self._watcher: Any = None
+        self._pool: ThreadPoolExecutor | None = None
 
     def run_iter(self, jobs: Sequence[Job[T]], flush_s: float) -> Iterator[list[Done[T]]]:
         """Run the jobs ``(key, batch_id, fn)`` of one message and yield their results in
@@ -56,9 +62,10 @@ class CancelWatch:
         Under gevent the jobs run concurrently, each in its own greenlet, while a process-wide
         semaphore of the worker's ``-c`` keeps this process's in-flight calls within its
         concurrency (DESIGN.md invariant 4) however many requests a message carries. Elsewhere
-        they run one after the other."""
+        they run on a process-wide thread pool of ``-c`` threads, with the same bound: run one
+        after the other, a message of 16 would have made 16 requests cost 16 latencies."""
         if not gevent_active():
-            yield from self._sequential(jobs, flush_s)
+            yield from self._threaded(jobs, flush_s)
             return
         import gevent
 
@@ -89,20 +96,34 @@ class CancelWatch:
                 self._inflight.pop(key, None)
                 g.kill(block=False)
 
-    def _sequential(self, jobs: Sequence[Job[T]], flush_s: float) -> Iterator[list[Done[T]]]:
-        chunk: list[Done[T]] = []
-        opened = 0.0
-        for key, batch_id, fn in jobs:
-            value: T | Aborted = Aborted(batch_id) if batch_id in self.cancelled else fn()
-            now = time.time()
-            if not chunk:
-                opened = now
-            chunk.append((key, value, now))
-            if now - opened >= flush_s:
-                yield chunk
-                chunk = []
-        if chunk:
-            yield chunk
+    def _threaded(self, jobs: Sequence[Job[T]], flush_s: float) -> Iterator[list[Done[T]]]:
+        executor = self._executor()
+        pending: dict[Future[T | Aborted], int] = {
+            executor.submit(self._unless_cancelled, batch_id, fn): key for key, batch_id, fn in jobs
+        }
+        try:
+            while pending:
+                done, _ = futures_wait(list(pending), timeout=flush_s)
+                chunk: list[Done[T]] = []
+                for future in done:
+                    key = pending.pop(future)
+                    chunk.append((key, future.result(), time.time()))
+                if chunk:
+                    yield chunk
+        finally:
+            for future in pending:
+                future.cancel()
+
+    def _unless_cancelled(self, batch_id: str, fn: Callable[[], T]) -> T | Aborted:
+        return Aborted(batch_id) if batch_id in self.cancelled else fn()
+
+    def _executor(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(
+                    max_workers=max(1, self.concurrency), thread_name_prefix="fusillade-attempt"
+                )
+            return self._pool
 
     def _limited(self, batch_id: str, fn: Callable[[], T]) -> T | Aborted:
         with self._slots():

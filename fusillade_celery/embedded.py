@@ -107,6 +107,9 @@ def run_batch(
     models = json.loads(row["models"])
     if concurrency is None:
         concurrency = max(4, min(64, sum(settings.limit_for(m) for m in models)))
+    from . import upstream
+
+    upstream.POOL_SIZE["size"] = concurrency  # the attempt threads and their HTTP connections
     worker = EmbeddedWorker(queues_for(models, settings), concurrency)
     worker.start()
     from .tasks import publish_execute

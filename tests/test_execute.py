@@ -312,3 +312,29 @@ def test_a_batch_is_finalized_right_after_its_last_write_back(
     assert maintenance.finalize(client.store, settings)["finalized"] == []
     assert client.get_batch(done_id)["completed_at"] == first["completed_at"]
     assert client.get_batch(running_id)["status"] in ("validating", "in_progress")
+
+
+@pytest.mark.parametrize("concurrency", [3, 8])
+def test_without_gevent_a_message_runs_its_attempts_concurrently_within_c(
+    client: Client, settings: Settings, mock: MockUpstream, concurrency: int
+) -> None:
+    """Threads pool / embedded mode: a message of 8 slow requests runs as many at once as the
+    process's -c allows (not one after the other, not more)."""
+    from fusillade_celery.cancel_watch import CancelWatch
+
+    batch_id = client.submit_batch([line(f"t{i}", mock_latency_ms=300) for i in range(8)])
+    token, rows = client.store.claim("m1", "m1", 100, 100, time.time())
+    watch = CancelWatch(client.store, poll_s=1.0, concurrency=concurrency)
+    report = execute(
+        client.store,
+        settings,
+        get_session(),
+        token,
+        [r.id for r in rows],
+        "w1",
+        Recorder().schedule_retry,
+        watch,
+    )
+    assert report.completed == 8
+    assert mock.state.peak["m1"] == concurrency
+    assert set(states(client.store, batch_id).values()) == {"completed"}
