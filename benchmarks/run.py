@@ -113,7 +113,8 @@ def _free_port() -> int:
 def nginx_upstream() -> Iterator[str]:
     """nginx returning a fixed completion (the issue's reference upstream): one C worker,
     so the upstream takes little of the two cores the pipeline is measured on."""
-    binary = shutil.which("nginx") or "/usr/sbin/nginx"
+    binary = nginx_binary()
+    assert binary is not None, "nginx is not installed"
     prefix = Path(tempfile.mkdtemp(prefix="fusillade-nginx-"))
     prefix.chmod(0o755)
     port = _free_port()
@@ -163,12 +164,36 @@ def _answers(url: str) -> bool:
         return False
 
 
-def nginx_available() -> bool:
-    return bool(shutil.which("nginx") or Path("/usr/sbin/nginx").exists())
+def nginx_binary() -> str | None:
+    """nginx's path (PATH, else Debian's /usr/sbin), or None when it is not installed."""
+    found = shutil.which("nginx")
+    if found:
+        return found
+    return "/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None
 
 
 def instant_upstream(use_nginx: bool) -> Any:
     return nginx_upstream() if use_nginx else mock_upstream(0)
+
+
+def upstream_label(use_nginx: bool) -> str:
+    return "nginx (fixed reply)" if use_nginx else "mock-upstream (aiohttp)"
+
+
+def cluster_client(env: dict[str, str]) -> Any:
+    """A Client (and this process's Celery app) configured for the cluster's env."""
+    from fusillade_celery.app import configure
+    from fusillade_celery.settings import Settings
+    from fusillade_celery.submit import Client
+
+    settings = Settings.from_env(env)
+    configure(settings)
+    return Client(settings)
+
+
+def wait_completed(client: Any, batch_id: str, poll_s: float) -> None:
+    while client.get_batch(batch_id, counts_max_age_s=1.0)["status"] != "completed":
+        time.sleep(poll_s)
 
 
 def bare_loop(url: str, n: int) -> float:
@@ -272,9 +297,6 @@ def run_distributed(
     extra: dict[str, str] | None = None,
     use_nginx: bool = False,
 ) -> dict[str, Any]:
-    from fusillade_celery.app import configure
-    from fusillade_celery.settings import Settings
-    from fusillade_celery.submit import Client
 
     upstream_cm = instant_upstream(use_nginx) if latency_ms == 0 else mock_upstream(latency_ms)
     with upstream_cm as url, tempfile.TemporaryDirectory() as tmp:
@@ -288,17 +310,14 @@ def run_distributed(
         bare_n = min(n, 5000) if latency_ms == 0 else 5
         bare = bare_loop(url, bare_n)
         with cluster(env_extra, workers, concurrency) as env:
-            settings = Settings.from_env(env)
-            configure(settings)
-            client = Client(settings)
+            client = cluster_client(env)
             if not use_nginx:
                 requests.post(url + "/_mock/reset", timeout=5)
             start = time.perf_counter()
             batch_id = client.submit_batch(src)
             submitted = time.perf_counter()
             submitted_wall = time.time()
-            while client.get_batch(batch_id, counts_max_age_s=1.0)["status"] != "completed":
-                time.sleep(0.05)
+            wait_completed(client, batch_id, 0.05)
             elapsed = time.perf_counter() - start
             counts = client.get_batch(batch_id)["request_counts"]
             rss = worker_rss_mb(env)
@@ -315,7 +334,7 @@ def run_distributed(
             "concurrency": concurrency,
             "limit": limit,
             "worker_rss_mb": rss,
-            "upstream": "nginx (fixed reply)" if use_nginx else "mock-upstream (aiohttp)",
+            "upstream": upstream_label(use_nginx),
         }
         if not use_nginx:
             first = requests.get(url + "/_mock/stats", timeout=30).json().get("first_call_at")
@@ -353,7 +372,7 @@ def run_embedded(n: int, use_nginx: bool = False) -> dict[str, Any]:
         "req_per_s": round(n / elapsed, 1),
         "bare_loop_req_per_s": round(bare, 1),
         "ratio_to_bare_loop": round(n / elapsed / bare, 2),
-        "upstream": "nginx (fixed reply)" if use_nginx else "mock-upstream (aiohttp)",
+        "upstream": upstream_label(use_nginx),
     }
 
 
@@ -475,23 +494,15 @@ def run_scale(n: int, small: int = 10_000) -> dict[str, Any]:
 
 def run_memory(first: int, total: int, workers: int, concurrency: int, use_nginx: bool) -> dict:
     """Target 5: worker RSS after ``first`` requests and after ``total`` (same workers)."""
-    from fusillade_celery.app import configure
-    from fusillade_celery.settings import Settings
-    from fusillade_celery.submit import Client
-
     with instant_upstream(use_nginx) as url, tempfile.TemporaryDirectory() as tmp:
         env_extra = {"FUSILLADE_UPSTREAM_URL": url, "FUSILLADE_MODEL_LIMITS": "bench=1000"}
         with cluster(env_extra, workers, concurrency) as env:
-            settings = Settings.from_env(env)
-            configure(settings)
-            client = Client(settings)
+            client = cluster_client(env)
             marks = []
             done = 0
             for size in (first, total - first):
                 src = write_input(Path(tmp) / f"in-{size}.jsonl", size)
-                batch_id = client.submit_batch(src)
-                while client.get_batch(batch_id, counts_max_age_s=1.0)["status"] != "completed":
-                    time.sleep(0.2)
+                wait_completed(client, client.submit_batch(src), 0.2)
                 done += size
                 marks.append({"after_requests": done, "worker_rss_mb": worker_rss_mb(env)})
     first_rss = sum(marks[0]["worker_rss_mb"])
@@ -516,34 +527,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=100)
     args = p.parse_args(argv)
     wanted = args.scenarios.split(",")
-    use_nginx = nginx_available() and not args.no_nginx
+    use_nginx = nginx_binary() is not None and not args.no_nginx
     result: dict[str, Any] = {
         "machine": {"cores": os.cpu_count()},
         "nginx": "used for the instant upstream"
         if use_nginx
         else "not used (not installed or --no-nginx): mock-upstream for every scenario",
     }
-    if "instant" in wanted:
-        result["instant"] = run_distributed(
-            args.instant_requests,
-            0,
-            args.instant_limit,
-            args.workers,
-            args.concurrency,
-            use_nginx=use_nginx,
-        )
-    if "instant-tuned" in wanted:
-        # The same with 64 requests per message: fewer, larger messages (see README,
-        # "Performance"); right when every worker's -c covers the messages it may hold.
-        result["instant-tuned"] = run_distributed(
-            args.instant_requests,
-            0,
-            args.instant_limit,
-            args.workers,
-            args.concurrency,
-            extra={"FUSILLADE_REQUESTS_PER_MESSAGE": "64"},
-            use_nginx=use_nginx,
-        )
+    # instant-tuned: 64 requests per message, fewer and larger messages (README,
+    # "Performance"); right when every worker's -c covers the messages it may hold.
+    for name, extra in (
+        ("instant", None),
+        ("instant-tuned", {"FUSILLADE_REQUESTS_PER_MESSAGE": "64"}),
+    ):
+        if name in wanted:
+            result[name] = run_distributed(
+                args.instant_requests,
+                0,
+                args.instant_limit,
+                args.workers,
+                args.concurrency,
+                extra=extra,
+                use_nginx=use_nginx,
+            )
     if "latency" in wanted:
         result["latency"] = run_distributed(
             args.latency_requests,

@@ -127,9 +127,7 @@ class CancelWatch:
 
     def _limited(self, batch_id: str, fn: Callable[[], T]) -> T | Aborted:
         with self._slots():
-            if batch_id in self.cancelled:
-                return Aborted(batch_id)
-            return fn()
+            return self._unless_cancelled(batch_id, fn)
 
     def _slots(self) -> Any:
         if self._semaphore is None:

@@ -17,7 +17,7 @@ from typing import Any
 from celery import worker as celery_worker
 from celery.worker import state as worker_state
 
-from . import claimer, maintenance
+from . import claimer, maintenance, upstream
 from .app import app, configure
 from .queues import CONTROL_QUEUE, direct_queue, queue_for_model
 from .settings import MEMORY_BROKER, Settings
@@ -122,8 +122,6 @@ def run_batch(
     models = json.loads(row["models"])
     if concurrency is None:
         concurrency = max(4, min(64, sum(settings.limit_for(m) for m in models)))
-    from . import upstream
-
     upstream.POOL_SIZE["size"] = concurrency  # the attempt threads and their HTTP connections
     worker = EmbeddedWorker(queues_for(models, settings), concurrency)
     worker.start()

@@ -122,17 +122,18 @@ def execute(
     ]
     for chunk in watch.run_iter(jobs, FLUSH_S):
         finishes = []
+        ended: list[WorkItem] = []  # aborted (already canceled) or written terminal
         for key, outcome, finished_at in chunk:
             if isinstance(outcome, Aborted):
                 report.aborted += 1  # the row is canceled already: nothing to write
+                ended.append(by_id[key])
                 continue
-            finishes.append(decide(by_id[key], outcome, finished_at, settings))
+            finish = decide(by_id[key], outcome, finished_at, settings)
+            finishes.append(finish)
+            if finish.state is not RequestState.RETRYING:
+                ended.append(by_id[key])
         if finishes:
             _write_back(store, token, finishes, report, schedule_retry)
-        ended = [f.id for f in finishes if f.state is not RequestState.RETRYING]
-        ended += [key for key, o, _ in chunk if isinstance(o, Aborted)]
         if requests_ended is not None and ended:
-            requests_ended(
-                {by_id[key].model for key in ended}, {by_id[key].batch_id for key in ended}
-            )
+            requests_ended({i.model for i in ended}, {i.batch_id for i in ended})
     return report

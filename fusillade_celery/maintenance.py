@@ -21,19 +21,17 @@ def finalize(store: Store, settings: Settings, now: float | None = None) -> dict
     """Expire overdue batches, then close the ones whose requests are all terminal."""
     now = time.time() if now is None else now
     expired = store.expire_batches(now, expiry_grace_s(settings))
-    finalized = store.finalize_batches(now)
     for batch_id in expired:
         log.info("batch %s expired", batch_id)
-    for batch_id in finalized:
-        log.info("batch %s finalized", batch_id)
-    return {"expired": expired, "finalized": finalized}
+    return {"expired": expired, "finalized": finalize_now(store, None, now)}
 
 
-def finalize_now(store: Store, batch_ids: list[str]) -> list[str]:
-    """Close these batches if their last requests just ended: a worker calls this after a
-    write-back, so a finished batch reads ``completed`` at once rather than at beat's next
-    finalize tick (up to ``claim_interval_ms`` later). A no-op for batches still running."""
-    finalized = store.finalize_batches(time.time(), only=batch_ids)
+def finalize_now(store: Store, batch_ids: list[str] | None, now: float | None = None) -> list[str]:
+    """Close the finished batches among ``batch_ids`` (every batch: None). Besides beat's
+    pass, a worker calls this after a write-back, so a finished batch reads ``completed`` at
+    once rather than at beat's next finalize tick (up to ``claim_interval_ms`` later). A no-op
+    for batches still running."""
+    finalized = store.finalize_batches(time.time() if now is None else now, only=batch_ids)
     for batch_id in finalized:
         log.info("batch %s finalized", batch_id)
     return finalized

@@ -400,34 +400,39 @@ class Store:
                     values["attempt"] = r.c.attempt + 1
                 else:
                     raise ValueError(f"finish cannot move a request to {state}")
-                if self.is_postgres:
-                    changed += self._finish_unnest(conn, token, values, group)
-                    continue
-                values.update(
-                    response_status=bindparam("b_status"),
-                    response_body=bindparam("b_body"),
-                    error=bindparam("b_error"),
-                )
-                if state is S.RETRYING:
-                    values["not_before"] = bindparam("b_not_before")
-                fence = and_(
-                    r.c.id == bindparam("b_id"),
-                    r.c.claim_token == token,
-                    r.c.state == S.PROCESSING.value,
-                )
-                params = [
-                    {
-                        "b_id": f.id,
-                        "b_status": f.status,
-                        "b_body": f.body,
-                        "b_error": json.dumps(f.error) if f.error else None,
-                        "b_not_before": f.not_before,
-                    }
-                    for f in group
-                ]
-                res = conn.execute(update(r).where(fence).values(**values), params)
-                changed += max(res.rowcount, 0)
+                write = self._finish_unnest if self.is_postgres else self._finish_rows
+                changed += write(conn, token, values, group)
         return changed
+
+    @staticmethod
+    def _finish_rows(
+        conn: Connection, token: str, values: dict[str, Any], group: Sequence[Finish]
+    ) -> int:
+        """The group's write-backs as one executemany, a statement per row (SQLite: no
+        arrays). Fenced on (id, token, state=processing)."""
+        r = t.requests
+        values = {
+            **values,
+            "response_status": bindparam("b_status"),
+            "response_body": bindparam("b_body"),
+            "error": bindparam("b_error"),
+        }
+        if values["state"] == S.RETRYING.value:
+            values["not_before"] = bindparam("b_not_before")
+        fence = and_(
+            r.c.id == bindparam("b_id"), r.c.claim_token == token, r.c.state == S.PROCESSING.value
+        )
+        params = [
+            {
+                "b_id": f.id,
+                "b_status": f.status,
+                "b_body": f.body,
+                "b_error": json.dumps(f.error) if f.error else None,
+                "b_not_before": f.not_before,
+            }
+            for f in group
+        ]
+        return max(conn.execute(update(r).where(fence).values(**values), params).rowcount, 0)
 
     @staticmethod
     def _finish_unnest(

@@ -17,6 +17,8 @@ from . import claimer, execute, maintenance, upstream
 from .app import app, get_settings, get_store
 from .cancel_watch import get_watch
 from .queues import direct_queue, queue_for_model
+from .settings import Settings
+from .store import Store
 from .workers import worker_id
 
 log = logging.getLogger(__name__)
@@ -45,12 +47,11 @@ def publish_execute(routed_model: str, token: str, ids: Sequence[int]) -> None:
             )
 
 
-def _refill(model: str, batch_ids: list[str]) -> None:
+def _refill(store: Store, settings: Settings, model: str, batch_ids: list[str]) -> None:
     """Claim the slots just freed. Nothing left to claim means the model's work is running
     out: then the batches whose requests just ended may be finished, and closing them now
     rather than at beat's next finalize tick (up to ``claim_interval_ms``) is what a caller
     polling for ``completed`` sees. While there is work to claim, no finalize query runs."""
-    settings, store = get_settings(), get_store()
     if claimer.claim_model(store, settings, publish_execute, model) == 0:
         maintenance.finalize_now(store, batch_ids)
 
@@ -84,7 +85,9 @@ def execute_requests(self: Task, routed_model: str, token: str, ids: list[int]) 
     def requests_ended(models: set[str], batch_ids: set[str]) -> None:
         # Refill at once rather than at beat's next tick; coalesced per process and model.
         for model in models:
-            REFILL.request(model, functools.partial(_refill, model, sorted(batch_ids)))
+            REFILL.request(
+                model, functools.partial(_refill, store, settings, model, sorted(batch_ids))
+            )
 
     report = execute.execute(
         store,
