@@ -512,7 +512,7 @@ def run_memory(first: int, total: int, workers: int, concurrency: int, use_nginx
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--scenarios", default="instant,instant-tuned,latency,embedded,scale,memory")
+    p.add_argument("--scenarios", default="instant,instant-16,latency,embedded,scale,memory")
     p.add_argument("--instant-requests", type=int, default=20_000)
     p.add_argument("--instant-limit", type=int, default=1000)
     p.add_argument("--latency-requests", type=int, default=10_000)
@@ -534,11 +534,11 @@ def main(argv: list[str] | None = None) -> int:
         if use_nginx
         else "not used (not installed or --no-nginx): mock-upstream for every scenario",
     }
-    # instant-tuned: 64 requests per message, fewer and larger messages (README,
-    # "Performance"); right when every worker's -c covers the messages it may hold.
+    # instant-16: messages of at most 16 requests (the default before messages were sized to
+    # the workers' -c), to show what per-message overhead costs.
     for name, extra in (
         ("instant", None),
-        ("instant-tuned", {"FUSILLADE_REQUESTS_PER_MESSAGE": "64"}),
+        ("instant-16", {"FUSILLADE_REQUESTS_PER_MESSAGE": "16"}),
     ):
         if name in wanted:
             result[name] = run_distributed(

@@ -126,7 +126,10 @@ def _start_heartbeat(sender: Any = None, **_: Any) -> None:
     from . import workers
 
     names = ",".join(sorted(q.name for q in sender.task_consumer.queues)) if sender else ""
-    workers.start(get_store(), get_settings(), names)
+    # -c, advertised so the claimer never puts more requests in one message than a consumer
+    # of the queue runs at once (claimer.MessageSizer).
+    concurrency = getattr(getattr(sender, "controller", None), "concurrency", None)
+    workers.start(get_store(), get_settings(), names, int(concurrency) if concurrency else None)
 
 
 @signals.worker_process_init.connect

@@ -9,6 +9,7 @@ tokens, never state.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -23,9 +24,77 @@ log = logging.getLogger(__name__)
 Publish = Callable[[str, str, Sequence[int]], None]
 
 
-def chunked(ids: Sequence[int], size: int) -> list[list[int]]:
-    size = max(1, size)
-    return [list(ids[i : i + size]) for i in range(0, len(ids), size)]
+def split(ids: Sequence[int], most: int, consumers: int = 1) -> list[list[int]]:
+    """``ids`` in near-equal messages of at most ``most``, and in at least one message per
+    consumer while there are ids for it: one claim then keeps every worker of the queue busy
+    rather than loading one while the others idle (40 ids, 2 consumers -> 20 + 20, not 40)."""
+    n = len(ids)
+    if n == 0:
+        return []
+    count = max(math.ceil(n / max(1, most)), min(max(1, consumers), n))
+    base, extra = divmod(n, count)
+    out, at = [], 0
+    for k in range(count):
+        size = base + (1 if k < extra else 0)
+        out.append(list(ids[at : at + size]))
+        at += size
+    return out
+
+
+#: Requests per message when the queue's consumers do not advertise their -c (not yet
+#: registered, or an older worker): small enough for any sensible -c.
+UNKNOWN_CONCURRENCY_CAP = 16
+
+
+class MessageSizer:
+    """How a claim of one queue is cut into execute messages.
+
+    A message runs on one worker, whose ``-c`` bounds how many of its requests are in flight
+    at once: requests beyond it wait in that worker while another may idle. So a message
+    carries at most ``requests_per_message`` and at most the smallest ``-c`` among the
+    queue's live consumers, which every worker advertises in its heartbeat row; the claim is
+    spread over at least as many messages as there are consumers. Fewer, larger messages are
+    what make instant upstreams fast (per message: a broker round trip, task events, a start
+    and a finish transaction). The consumer list is read at most once per heartbeat interval
+    per process (``ttl_s``)."""
+
+    def __init__(self, ttl_s: float) -> None:
+        self.ttl_s = ttl_s
+        self._lock = threading.Lock()
+        self._cache: dict[tuple[str, str], tuple[float, list[int | None]]] = {}
+        #: Set while this process is the only worker (embedded mode): its -c, no lookup.
+        self.only_consumer: int | None = None
+
+    def split(
+        self, store: Store, settings: Settings, queue: str, ids: Sequence[int]
+    ) -> list[list[int]]:
+        consumers = self.consumers(store, settings, queue)
+        most = settings.requests_per_message
+        if not consumers or any(c is None for c in consumers):
+            most = min(most, UNKNOWN_CONCURRENCY_CAP)
+        else:
+            most = min(most, min(c for c in consumers if c is not None))
+        return split(ids, most, len(consumers))
+
+    def consumers(self, store: Store, settings: Settings, queue: str) -> list[int | None]:
+        if self.only_consumer is not None:
+            return [self.only_consumer]
+        now = time.time()
+        key = (str(store.engine.url), queue)
+        with self._lock:
+            hit = self._cache.get(key)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        try:
+            found = store.consumer_concurrency(
+                queue, now - settings.stale_worker_threshold_ms / 1000.0
+            )
+        except Exception as exc:  # noqa: BLE001 - sizing falls back; the claim must go out
+            log.warning("could not read the consumers of %s (%s)", queue, exc)
+            found = []
+        with self._lock:
+            self._cache[key] = (now + self.ttl_s, found)
+        return found
 
 
 def claim_model(
@@ -128,4 +197,12 @@ class Refill:
             return not self._running and not self._wanted
 
 
-__all__ = ["Claimed", "Publish", "Refill", "chunked", "claim_all", "claim_model"]
+__all__ = [
+    "Claimed",
+    "MessageSizer",
+    "Publish",
+    "Refill",
+    "claim_all",
+    "claim_model",
+    "split",
+]

@@ -125,7 +125,9 @@ def run_batch(
     upstream.POOL_SIZE["size"] = concurrency  # the attempt threads and their HTTP connections
     worker = EmbeddedWorker(queues_for(models, settings), concurrency)
     worker.start()
-    from .tasks import publish_execute
+    from .tasks import SIZER, publish_execute
+
+    SIZER.only_consumer = concurrency  # messages sized to this process's -c
 
     last_reap = 0.0
     try:
@@ -146,4 +148,5 @@ def run_batch(
         worker.stop(wait=False, timeout=2.0)
         raise
     finally:
+        SIZER.only_consumer = None
         worker.stop(wait=True)

@@ -167,4 +167,6 @@ workers = Table(
     Column("last_heartbeat", Float, nullable=False),
     Column("status", String(16), nullable=False),
     Column("counters", Text),
+    # The worker's -c: the claimer sizes execute messages to fit the smallest consumer's.
+    Column("concurrency", Integer),
 )

@@ -146,7 +146,9 @@ class Settings:
     default_model_limit: int = _env(_int, 10, "limit for models not in model_limits")
     claim_interval_ms: int = _env(_int, 1000, "beat cadence of the claimer")
     claim_batch_size: int = _env(_int, 100, "most rows claimed per model per run")
-    requests_per_message: int = _env(_int, 16, "most requests coalesced into one execute message")
+    requests_per_message: int = _env(
+        _int, 64, "most requests in one execute message (and at most the consumers' -c)"
+    )
     max_retries: int = _env(_int, 1000, "attempts after the first")
     stop_before_deadline_ms: int = _env(_int, 0, "no retry due later than expiry minus this")
     backoff_ms: int = _env(_int, 1000, "first retry delay")

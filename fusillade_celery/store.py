@@ -781,14 +781,22 @@ class Store:
     # ------------------------------------------------------------------ workers
 
     @_on_disconnect_retry
-    def heartbeat(self, worker_id: str, hostname: str, pid: int, queues: str, now: float) -> None:
-        """Upsert this worker process's row (registry + liveness)."""
+    def heartbeat(
+        self,
+        worker_id: str,
+        hostname: str,
+        pid: int,
+        queues: str,
+        now: float,
+        concurrency: int | None = None,
+    ) -> None:
+        """Upsert this worker process's row (registry + liveness + its ``-c``)."""
         w = t.workers
         with self._tx() as conn:
             res = conn.execute(
                 update(w)
                 .where(w.c.id == worker_id)
-                .values(last_heartbeat=now, status="alive", queues=queues)
+                .values(last_heartbeat=now, status="alive", queues=queues, concurrency=concurrency)
             )
             if res.rowcount == 0:
                 conn.execute(
@@ -800,6 +808,7 @@ class Store:
                         started_at=now,
                         last_heartbeat=now,
                         status="alive",
+                        concurrency=concurrency,
                     )
                 )
 
@@ -811,6 +820,17 @@ class Store:
             conn.execute(
                 update(w).where(w.c.id == worker_id).values(status="dead", last_heartbeat=now)
             )
+
+    def consumer_concurrency(self, queue: str, alive_after: float) -> list[int | None]:
+        """The ``-c`` of each live worker consuming ``queue`` (None: not advertised)."""
+        w = t.workers
+        with self._tx() as conn:
+            rows = conn.execute(
+                select(w.c.queues, w.c.concurrency).where(
+                    w.c.status == "alive", w.c.last_heartbeat >= alive_after
+                )
+            ).all()
+        return [c for queues, c in rows if queue in queues.split(",")]
 
     def worker_rows(self) -> list[dict[str, Any]]:
         with self._tx() as conn:

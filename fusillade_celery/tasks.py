@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 
 #: This process's slot-release refills, one background runner per model (see claimer.Refill).
 REFILL = claimer.Refill("refill claim")
+#: This process's view of each queue's consumers, for sizing execute messages.
+SIZER = claimer.MessageSizer(ttl_s=get_settings().heartbeat_interval_ms / 1000.0)
 
 
 @signals.celeryd_init.connect
@@ -36,12 +38,14 @@ def _size_http_pool(options: dict[str, Any] | None = None, **_: Any) -> None:
 
 
 def publish_execute(routed_model: str, token: str, ids: Sequence[int]) -> None:
-    """Split a claim into messages of ``requests_per_message`` and publish them over one
-    producer (one broker connection) to ``model.<routed_model>``."""
+    """Split a claim into messages (``claimer.MessageSizer``: sized to the queue's consumers)
+    and publish them over one producer (one broker connection) to ``model.<routed_model>``."""
     settings = get_settings()
-    queue = direct_queue(queue_for_model(routed_model))
+    name = queue_for_model(routed_model)
+    queue = direct_queue(name)
+    chunks = SIZER.split(get_store(), settings, name, ids)
     with app.producer_or_acquire() as producer:
-        for chunk in claimer.chunked(ids, settings.requests_per_message):
+        for chunk in chunks:
             execute_requests.apply_async(
                 args=(routed_model, token, chunk), queue=queue, producer=producer
             )

@@ -26,8 +26,11 @@ def worker_id() -> str:
 
 
 class Heartbeat:
-    def __init__(self, store: Store, settings: Settings, queues: str):
+    def __init__(
+        self, store: Store, settings: Settings, queues: str, concurrency: int | None = None
+    ):
         self.store = store
+        self.concurrency = concurrency
         self.interval = settings.heartbeat_interval_ms / 1000.0
         self.queues = queues
         self.id = worker_id()
@@ -40,7 +43,9 @@ class Heartbeat:
         self._thread.start()
 
     def beat(self) -> None:
-        self.store.heartbeat(self.id, socket.gethostname(), os.getpid(), self.queues, time.time())
+        self.store.heartbeat(
+            self.id, socket.gethostname(), os.getpid(), self.queues, time.time(), self.concurrency
+        )
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
@@ -61,11 +66,13 @@ class Heartbeat:
 _current: dict[int, Heartbeat] = {}
 
 
-def start(store: Store, settings: Settings, queues: str) -> Heartbeat:
+def start(
+    store: Store, settings: Settings, queues: str, concurrency: int | None = None
+) -> Heartbeat:
     """Start this process's heartbeat once (idempotent per pid)."""
     hb = _current.get(os.getpid())
     if hb is None:
-        hb = Heartbeat(store, settings, queues)
+        hb = Heartbeat(store, settings, queues, concurrency)
         hb.start()
         _current[os.getpid()] = hb
     return hb

@@ -27,7 +27,7 @@ class Recorder:
         self.retries: list[tuple[list[int], float]] = []
 
     def publish(self, routed: str, token: str, ids: list[int]) -> None:
-        for chunk in claimer.chunked(ids, 1):  # one request per message, like the default
+        for chunk in claimer.split(ids, 1):  # one request per message
             self.messages.append((routed, token, chunk))
 
     def schedule_retry(self, ids: list[int], delay: float) -> None:

@@ -206,6 +206,8 @@ def test_sigterm_hands_work_back(faults: tuple[Cluster, Processes]) -> None:
     procs.kill(victim, signal.SIGTERM)  # warm shutdown: in-flight requests finish
     workers: list[dict[str, Any]] = c.client.store.worker_rows()
     assert any(w["status"] == "dead" for w in workers)
+    # Each worker advertises its -c (what the claimer sizes messages to).
+    assert {w["concurrency"] for w in workers if w["status"] == "alive"} == {20}
     batch = c.wait_done(batch_id, 120)
     assert batch["request_counts"] == {"total": n, "completed": n, "failed": 0}
     assert_exactly_once_with_real_responses(c, batch_id, "st-", n)
