@@ -6,6 +6,7 @@ upstream are reused across tasks (keep-alive) instead of a TCP handshake per req
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import urllib.parse
@@ -15,6 +16,8 @@ from typing import Any
 
 import requests
 from requests.adapters import HTTPAdapter
+from requests.hooks import default_hooks
+from requests.structures import CaseInsensitiveDict
 
 from .settings import Settings
 from .states import ErrorKind
@@ -140,20 +143,11 @@ def attempt(session: requests.Session, item: WorkItem, settings: Settings) -> Ou
         )
     timeout = settings.timeout_ms / 1000.0
     try:
-        # Prepared here and sent with ``send``: ``Session.post`` would merge session headers,
-        # cookies and environment settings on every call, which cost about as much CPU as the
-        # HTTP exchange itself. The session has none of those to merge: no headers of its
-        # own (BASE_HEADERS are sent instead), cookies refused, trust_env off (get_session).
-        prepared = requests.Request(
-            "POST",
-            base + item.url,
-            data=item.body.encode("utf-8"),
-            headers=build_headers(item, api_key, settings),
-        ).prepare()
+        prepared = prepare(base + item.url, build_headers(item, api_key, settings), item.body)
         resp = session.send(prepared, timeout=(min(timeout, 30.0), timeout), proxies={})
         body = resp.text
     except requests.Timeout as exc:
-        return Outcome(ErrorKind.TIMEOUT, detail=_short(exc))
+        return Outcome(ErrorKind.TIMEOUT, detail=_short(exc, api_key))
     except (
         requests.exceptions.InvalidURL,
         requests.exceptions.InvalidHeader,
@@ -161,9 +155,9 @@ def attempt(session: requests.Session, item: WorkItem, settings: Settings) -> Ou
         requests.exceptions.InvalidSchema,
         ValueError,
     ) as exc:
-        return Outcome(ErrorKind.BUILDER_ERROR, detail=_short(exc))
+        return Outcome(ErrorKind.BUILDER_ERROR, detail=_short(exc, api_key))
     except requests.RequestException as exc:
-        return Outcome(ErrorKind.NETWORK_ERROR, detail=_short(exc))
+        return Outcome(ErrorKind.NETWORK_ERROR, detail=_short(exc, api_key))
     request_id = resp.headers.get("x-request-id")
     kind = classify_status(resp.status_code, settings)
     if kind is None:
@@ -177,7 +171,40 @@ def attempt(session: requests.Session, item: WorkItem, settings: Settings) -> Ou
     )
 
 
-def _short(exc: BaseException) -> str:
-    """Exception text for the error record, without anything that could hold a header."""
+@functools.lru_cache(maxsize=1024)
+def checked_url(url: str) -> str:
+    """``url`` as requests would send it, validated (scheme, host; raises MissingSchema,
+    InvalidURL): once per distinct URL, not once per request."""
+    p = requests.PreparedRequest()
+    p.prepare_url(url, None)
+    assert p.url is not None
+    return p.url
+
+
+def prepare(url: str, headers: dict[str, str], body: str) -> requests.PreparedRequest:
+    """The POST to send, built directly rather than by ``Request.prepare`` or
+    ``Session.post``: those parse the URL again, build a cookie jar and merge session headers,
+    cookies and environment settings on every call, which cost about as much CPU as the HTTP
+    exchange itself. Nothing here needs them: the URL is validated once (``checked_url``),
+    the session has no headers of its own (BASE_HEADERS are sent instead), refuses cookies and
+    ignores the environment (get_session). Header values are checked by http.client when sent
+    (a bad one raises ValueError: a builder error)."""
+    data = body.encode("utf-8")
+    p = requests.PreparedRequest()
+    p.method = "POST"
+    p.url = checked_url(url)
+    p.headers = CaseInsensitiveDict(headers)
+    p.headers["Content-Length"] = str(len(data))
+    p.body = data
+    p.hooks = default_hooks()
+    return p
+
+
+def _short(exc: BaseException, api_key: str = "") -> str:
+    """Exception text for the error record, with the key removed: http.client's "Invalid
+    header value b'Bearer ...'" quotes the whole header, escaped; so are other messages."""
     text = f"{type(exc).__name__}: {exc}"
+    if api_key:
+        for form in {api_key, repr(api_key)[1:-1], repr(api_key.encode())[2:-1]}:
+            text = text.replace(form, "***")
     return text[:500]

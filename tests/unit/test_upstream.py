@@ -1,0 +1,67 @@
+"""One attempt against the project's mock upstream: what is sent, and bad targets or headers
+classified as builder errors (never raised into the task)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fusillade_celery import upstream
+from fusillade_celery.mock_upstream import MockConfig, MockUpstream
+from fusillade_celery.settings import Settings
+from fusillade_celery.states import ErrorKind
+from fusillade_celery.store import WorkItem
+
+
+def item(upstream_url: str | None, api_key: str | None = "sk-x", custom_id: str = "c1") -> WorkItem:
+    return WorkItem(
+        id=7,
+        custom_id=custom_id,
+        batch_id="batch_1",
+        model="m1",
+        routed_model="m1",
+        attempt=0,
+        deadline=0.0,
+        url="/v1/chat/completions",
+        body=json.dumps({"model": "m1", "messages": [{"role": "user", "content": "héllo"}]}),
+        upstream_url=upstream_url,
+        api_key=api_key,
+        batch_fields={"id": "batch_1"},
+    )
+
+
+@pytest.fixture(scope="module")
+def mock_url() -> str:  # type: ignore[misc]
+    with MockUpstream(MockConfig()) as m:
+        yield m.url
+
+
+def test_attempt_sends_the_body_and_headers_and_reads_the_reply(mock_url: str) -> None:
+    session = upstream.get_session()
+    out = upstream.attempt(session, item(mock_url, custom_id="cid ü"), Settings())
+    assert out.ok and out.status == 200
+    assert json.loads(out.body or "")["object"] == "chat.completion"
+    call = upstream.requests.get(mock_url + "/_mock/stats", timeout=5).json()["log"][-1]
+    assert call["headers"]["authorization"] == "Bearer sk-x"
+    assert call["headers"]["x-fusillade-request-id"] == "7"
+    assert call["headers"]["x-fusillade-custom-id"] == "cid%20%C3%BC"
+
+
+@pytest.mark.parametrize(
+    "target, api_key",
+    [
+        ("127.0.0.1:9", "k"),  # no scheme
+        ("http://", "k"),  # no host
+        ("ftp://127.0.0.1:9", "k"),  # no adapter for the scheme
+        ("http://127.0.0.1:99999", "k"),  # port out of range
+        ("MOCK", "sk-bad\r\nx-injected: 1"),  # a key that would split the header
+    ],
+)
+def test_unusable_targets_and_headers_are_builder_errors(
+    mock_url: str, target: str, api_key: str
+) -> None:
+    url = mock_url if target == "MOCK" else target
+    out = upstream.attempt(upstream.get_session(), item(url, api_key), Settings())
+    assert out.kind is ErrorKind.BUILDER_ERROR, out
+    assert "sk-bad" not in out.detail  # the error record never quotes the key
