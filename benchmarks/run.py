@@ -196,14 +196,20 @@ def wait_completed(client: Any, batch_id: str, poll_s: float) -> None:
         time.sleep(poll_s)
 
 
-def bare_loop(url: str, n: int) -> float:
-    """Requests per second of one requests.Session posting sequentially: the reference."""
+def bare_loop(url: str, n: int, repeats: int = 3) -> float:
+    """Requests per second of one requests.Session posting sequentially: the reference. The
+    best of ``repeats`` runs of ``n // repeats``: this machine's speed drifts between runs, and
+    the best run is the conservative reference for a ratio."""
     session = requests.Session()
     body = _line(0, "bench").encode()
-    start = time.perf_counter()
-    for _ in range(n):
-        session.post(url + "/v1/chat/completions", data=body, timeout=30).raise_for_status()
-    return n / (time.perf_counter() - start)
+    best = 0.0
+    per_run = max(1, n // repeats)
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(per_run):
+            session.post(url + "/v1/chat/completions", data=body, timeout=30).raise_for_status()
+        best = max(best, per_run / (time.perf_counter() - start))
+    return best
 
 
 @contextmanager
@@ -273,6 +279,28 @@ def cluster(env_extra: dict[str, str], workers: int, concurrency: int) -> Iterat
             for p in procs:
                 p.wait(30)
             services.drop_database(admin, name)
+            shutil.rmtree(logdir, ignore_errors=True)
+
+
+def machine_busy_s() -> float:
+    """CPU seconds the whole machine has spent busy (all cores, /proc/stat): the delta over a
+    run is what the run cost, steadier across runs than a rate on a machine whose speed
+    drifts."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu_s(pids: list[str]) -> float:
+    """User + system CPU seconds of these processes so far (/proc/<pid>/stat)."""
+    total = 0
+    for pid in pids:
+        try:
+            parts = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(parts[11]) + int(parts[12])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def worker_rss_mb(env: dict[str, str]) -> list[float]:
@@ -307,18 +335,22 @@ def run_distributed(
             "FUSILLADE_CLAIM_BATCH_SIZE": str(max(limit, 100)),
             **(extra or {}),
         }
-        bare_n = min(n, 5000) if latency_ms == 0 else 5
+        bare_n = min(n, 6000) if latency_ms == 0 else 3
         bare = bare_loop(url, bare_n)
         with cluster(env_extra, workers, concurrency) as env:
             client = cluster_client(env)
             if not use_nginx:
                 requests.post(url + "/_mock/reset", timeout=5)
+            workers_pids = env["BENCH_WORKER_PIDS"].split(",")
+            busy0, workers0 = machine_busy_s(), process_cpu_s(workers_pids)
             start = time.perf_counter()
             batch_id = client.submit_batch(src)
             submitted = time.perf_counter()
             submitted_wall = time.time()
             wait_completed(client, batch_id, 0.05)
             elapsed = time.perf_counter() - start
+            busy = machine_busy_s() - busy0
+            workers_cpu = process_cpu_s(workers_pids) - workers0
             counts = client.get_batch(batch_id)["request_counts"]
             rss = worker_rss_mb(env)
         rate = n / elapsed
@@ -329,6 +361,9 @@ def run_distributed(
             "req_per_s": round(rate, 1),
             "bare_loop_req_per_s": round(bare, 1),
             "ratio_to_bare_loop": round(rate / bare, 2),
+            # CPU per request (whole machine; the workers alone), from submit to completed.
+            "machine_cpu_ms_per_request": round(busy * 1000 / n, 3),
+            "worker_cpu_ms_per_request": round(workers_cpu * 1000 / n, 3),
             "completed": counts["completed"],
             "workers": workers,
             "concurrency": concurrency,
@@ -357,7 +392,7 @@ def run_embedded(n: int, use_nginx: bool = False) -> dict[str, Any]:
             "FUSILLADE_MODEL_LIMITS": "bench=32",
         }
         env.pop("FUSILLADE_BROKER_URL", None)
-        bare = bare_loop(url, min(n, 5000))
+        bare = bare_loop(url, min(n, 6000))
         start = time.perf_counter()
         subprocess.run(
             [PY, "-m", "fusillade_celery.cli", "run", "-q", str(src)],
@@ -391,58 +426,68 @@ _CHILD_PRELUDE = (
 )
 
 
-def claim_statement_ms(db_url: str, batch_size: int = 1000, rounds: int = 15) -> dict[str, Any]:
+def claim_statement_ms(
+    db_urls: list[str], batch_size: int = 1000, rounds: int = 15
+) -> list[dict[str, Any]]:
     """Median time of the claim statement (``Store.claim``: lock, in-flight count, pick and
-    update of ``batch_size`` rows) over ``rounds`` claims, with the claimed rows put back to
-    pending (and the table vacuumed) after each so every round sees the same table; plus the
-    EXPLAIN of the pick."""
+    update of ``batch_size`` rows) over ``rounds`` claims on each database, the databases
+    taking turns round by round (so the machine's drift during the measurement falls on all
+    of them alike), with the claimed rows put back to pending (and the table vacuumed) after
+    each so every round sees the same table; plus the EXPLAIN of the pick."""
     from sqlalchemy import text
 
     from fusillade_celery.db import get_engine
     from fusillade_celery.store import Store
 
-    store = Store(get_engine(db_url))
-    times = []
+    stores = [Store(get_engine(url)) for url in db_urls]
+    times: list[list[float]] = [[] for _ in stores]
     for _ in range(rounds):
-        t0 = time.perf_counter()
-        _, rows = store.claim("bench", "bench", 10**9, batch_size, time.time())
-        times.append((time.perf_counter() - t0) * 1000)
-        with store.engine.begin() as conn:  # benchmark setup: put them back
-            conn.execute(
-                text(
-                    "UPDATE requests SET state='pending', claim_token=NULL, routed_model=NULL "
-                    "WHERE id = ANY(:ids)"
-                ),
-                {"ids": [r.id for r in rows]},
-            )
-        # What autovacuum does between claims in a real run; without it the put-back rows'
-        # dead index entries pile up and every round reads more of them.
-        with store.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-            conn.execute(text("VACUUM ANALYZE requests"))
-    with store.engine.begin() as conn:
-        plan = [
-            r[0]
-            for r in conn.execute(
-                text(
-                    "EXPLAIN SELECT id FROM requests WHERE model='bench' AND state='pending' "
-                    "AND (not_before IS NULL OR not_before <= 0) ORDER BY deadline, id "
-                    f"LIMIT {batch_size} FOR UPDATE SKIP LOCKED"
+        for store, spent in zip(stores, times, strict=True):
+            t0 = time.perf_counter()
+            _, rows = store.claim("bench", "bench", 10**9, batch_size, time.time())
+            spent.append((time.perf_counter() - t0) * 1000)
+            with store.engine.begin() as conn:  # benchmark setup: put them back
+                conn.execute(
+                    text(
+                        "UPDATE requests SET state='pending', claim_token=NULL, "
+                        "routed_model=NULL WHERE id = ANY(:ids)"
+                    ),
+                    {"ids": [r.id for r in rows]},
                 )
-            )
-        ]
-    times.sort()
-    return {
-        "claim_rows": batch_size,
-        "claim_ms_median": round(times[len(times) // 2], 2),
-        "uses_index": any("ix_requests_pending" in line for line in plan),
-        "plan_top": plan[:3],
-    }
+            # What autovacuum does between claims in a real run; without it the put-back
+            # rows' dead index entries pile up and every round reads more of them.
+            with store.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+                conn.execute(text("VACUUM ANALYZE requests"))
+    out = []
+    for store, spent in zip(stores, times, strict=True):
+        with store.engine.begin() as conn:
+            plan = [
+                r[0]
+                for r in conn.execute(
+                    text(
+                        "EXPLAIN SELECT id FROM requests WHERE model='bench' AND "
+                        "state='pending' AND (not_before IS NULL OR not_before <= 0) "
+                        f"ORDER BY deadline, id LIMIT {batch_size} FOR UPDATE SKIP LOCKED"
+                    )
+                )
+            ]
+        spent.sort()
+        out.append(
+            {
+                "claim_rows": batch_size,
+                "claim_ms_median": round(spent[len(spent) // 2], 2),
+                "uses_index": any("ix_requests_pending" in line for line in plan),
+                "plan_top": plan[:3],
+            }
+        )
+    return out
 
 
 def run_scale(n: int, small: int = 10_000) -> dict[str, Any]:
     """Targets 3 and 4: submit ``n`` lines (time, peak RSS of the submitting process), the
-    claim statement's time at ``small`` and at ``n`` pending rows, and the results stream
-    (every row marked completed, then ``iter_results`` read in a fresh process)."""
+    claim statement's time at ``small`` and at ``n`` pending rows (measured in turns), and the
+    results stream (every row marked completed, then ``iter_results`` read in a fresh
+    process)."""
     from sqlalchemy import text
 
     from fusillade_celery.db import get_engine, normalize_url
@@ -450,7 +495,8 @@ def run_scale(n: int, small: int = 10_000) -> dict[str, Any]:
 
     out: dict[str, Any] = {"lines": n}
     with services.postgres_server() as admin, tempfile.TemporaryDirectory() as tmp:
-        for size, label in ((small, "small"), (n, "large")):
+        names, urls, batches = [], [], []
+        for size in (small, n):
             name = services.create_database(admin)
             db_url = normalize_url(services.with_db(admin, name))
             upgrade(get_engine(db_url))
@@ -461,33 +507,42 @@ def run_scale(n: int, small: int = 10_000) -> dict[str, Any]:
                 f"t=time.perf_counter();b=c.submit_batch({str(src)!r});s=time.perf_counter()-t\n"
                 "print(json.dumps({'batch':b,'submit_seconds':round(s,2),'peak_rss_mb':rss()}))"
             )
-            out[f"claim_at_{size}_pending"] = claim_statement_ms(db_url)
-            if label == "large":
+            names.append(name)
+            urls.append(db_url)
+            batches.append(sub["batch"])
+            if size == n:
                 out["bytes"] = src.stat().st_size
                 out["submit_seconds"] = sub["submit_seconds"]
                 out["submit_lines_per_s"] = round(size / sub["submit_seconds"])
                 out["submit_peak_rss_mb"] = sub["peak_rss_mb"]
-                with get_engine(db_url).begin() as conn:  # benchmark setup: all completed
-                    conn.execute(
-                        text(
-                            "UPDATE requests SET state='completed', response_status=200, "
-                            "completed_at=extract(epoch from now()), "
-                            'response_body=\'{"id":"c","object":"chat.completion",'
-                            '"choices":[]}\''
-                        )
-                    )
-                read = _child_json(
-                    _CHILD_PRELUDE + f"c=Client(Settings().replace(database_url={db_url!r}))\n"
-                    "t=time.perf_counter();k=0;marks=[]\n"
-                    f"for line in c.iter_results({sub['batch']!r}):\n"
-                    "    k+=1\n"
-                    f"    if k in ({size // 10},{size}): marks.append(rss())\n"
-                    "r=time.perf_counter()-t\n"
-                    "print(json.dumps({'lines':k,'lines_per_s':round(k/r),"
-                    "'rss_mb_at_10pct_and_end':marks}))"
+        at_small, at_large = claim_statement_ms(urls)
+        out[f"claim_at_{small}_pending"] = at_small
+        out[f"claim_at_{n}_pending"] = at_large
+        out["claim_ratio_large_to_small"] = round(
+            at_large["claim_ms_median"] / at_small["claim_ms_median"], 2
+        )
+        db_url = urls[1]
+        with get_engine(db_url).begin() as conn:  # benchmark setup: all completed
+            conn.execute(
+                text(
+                    "UPDATE requests SET state='completed', response_status=200, "
+                    "completed_at=extract(epoch from now()), "
+                    'response_body=\'{"id":"c","object":"chat.completion",'
+                    '"choices":[]}\''
                 )
-                out["results_stream"] = read
-            get_engine(db_url).dispose()
+            )
+        out["results_stream"] = _child_json(
+            _CHILD_PRELUDE + f"c=Client(Settings().replace(database_url={db_url!r}))\n"
+            "t=time.perf_counter();k=0;marks=[]\n"
+            f"for line in c.iter_results({batches[1]!r}):\n"
+            "    k+=1\n"
+            f"    if k in ({n // 10},{n}): marks.append(rss())\n"
+            "r=time.perf_counter()-t\n"
+            "print(json.dumps({'lines':k,'lines_per_s':round(k/r),"
+            "'rss_mb_at_10pct_and_end':marks}))"
+        )
+        for name, url in zip(names, urls, strict=True):
+            get_engine(url).dispose()
             services.drop_database(admin, name)
     return out
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from sqlalchemy import (
+    JSON,
     BigInteger,
     ColumnElement,
     Connection,
@@ -29,6 +30,8 @@ from sqlalchemy import (
     and_,
     any_,
     bindparam,
+    cast,
+    column,
     delete,
     exists,
     func,
@@ -438,24 +441,35 @@ class Store:
     def _finish_unnest(
         conn: Connection, token: str, values: dict[str, Any], group: Sequence[Finish]
     ) -> int:
-        """One ``UPDATE ... FROM unnest(arrays)`` for a group of write-backs (PostgreSQL).
-        Why: executemany sends a statement per row; at thousands of rows a second that per-row
-        overhead (client and server) cost more than the writes. Same fence as row by row."""
+        """One ``UPDATE ... FROM json_to_recordset(:rows)`` for a group of write-backs
+        (PostgreSQL). Why one statement: executemany sends a statement per row, and at
+        thousands of rows a second that per-row overhead (client and server) cost more than
+        the writes. Why one JSON parameter rather than an array per column: psycopg quotes
+        every element of a text array in Python, which cost 4-5 % of a worker's CPU on the
+        response bodies; ``json.dumps`` escapes them in C. Same fence as row by row."""
         r = t.requests
+        payload = json.dumps(
+            [
+                {
+                    "id": f.id,
+                    "status": f.status,
+                    "body": f.body,
+                    "error": json.dumps(f.error) if f.error else None,
+                    "not_before": f.not_before,
+                }
+                for f in group
+            ]
+        )
         v = (
-            func.unnest(
-                bindparam("ids", [f.id for f in group], type_=ARRAY(BigInteger)),
-                bindparam("statuses", [f.status for f in group], type_=ARRAY(Integer)),
-                bindparam("bodies", [f.body for f in group], type_=ARRAY(Text)),
-                bindparam(
-                    "errors",
-                    [json.dumps(f.error) if f.error else None for f in group],
-                    type_=ARRAY(Text),
-                ),
-                bindparam("not_befores", [f.not_before for f in group], type_=ARRAY(Float)),
+            func.json_to_recordset(cast(bindparam("rows", payload, type_=Text), JSON))
+            .table_valued(
+                column("id", BigInteger),
+                column("status", Integer),
+                column("body", Text),
+                column("error", Text),
+                column("not_before", Float),
             )
-            .table_valued("id", "status", "body", "error", "not_before")
-            .render_derived(name="v")
+            .render_derived(name="v", with_types=True)
         )
         values = {
             **values,
@@ -719,11 +733,11 @@ class Store:
             select(b.c.output_file_id, b.c.error_file_id).where(b.c.id == batch_id)
         ).one()
         values = {}
-        for column, purpose in (
+        for file_column, purpose in (
             ("output_file_id", "batch_output"),
             ("error_file_id", "batch_error"),
         ):
-            if row._mapping[column] is None:
+            if row._mapping[file_column] is None:
                 file_id = "file-" + uuid.uuid4().hex
                 conn.execute(
                     insert(f).values(
@@ -735,7 +749,7 @@ class Store:
                         created_at=now,
                     )
                 )
-                values[column] = file_id
+                values[file_column] = file_id
         if values:
             conn.execute(update(b).where(b.c.id == batch_id).values(**values))
 

@@ -338,3 +338,28 @@ def test_without_gevent_a_message_runs_its_attempts_concurrently_within_c(
     assert report.completed == 8
     assert mock.state.peak["m1"] == concurrency
     assert set(states(client.store, batch_id).values()) == {"completed"}
+
+
+def test_write_back_keeps_bodies_and_errors_exactly(client: Client, settings: Settings) -> None:
+    from fusillade_celery.states import RequestState
+    from fusillade_celery.store import Finish
+
+    batch_id = client.submit_batch([line(f"w{i}") for i in range(4)])
+    token, claimed = client.store.claim("m1", "m1", 10, 10, time.time())
+    ids = [c.id for c in claimed]
+    client.store.start(ids, token, "w1", time.time())
+    tricky = 'quote " backslash \\ newline \n tab \t unicode ü 😀 {"nested": "json"} \\u0041'
+    due = time.time() + 30
+    results = [
+        Finish(ids[0], RequestState.COMPLETED, 200, tricky),
+        Finish(ids[1], RequestState.COMPLETED, 200, None),
+        Finish(ids[2], RequestState.FAILED, 400, tricky, {"kind": "x", "detail": tricky}),
+        Finish(ids[3], RequestState.RETRYING, 503, "busy", {"kind": "y"}, not_before=due),
+    ]
+    assert client.store.finish(results, token, time.time()) == 4
+    rows = {r["id"]: r for r in client.store.request_rows(batch_id)}
+    assert rows[ids[0]]["response_body"] == tricky and rows[ids[0]]["state"] == "completed"
+    assert rows[ids[1]]["response_body"] is None
+    assert json.loads(rows[ids[2]]["error"])["detail"] == tricky
+    assert (rows[ids[3]]["state"], rows[ids[3]]["attempt"]) == ("retrying", 1)
+    assert rows[ids[3]]["not_before"] == pytest.approx(due)
