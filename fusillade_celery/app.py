@@ -13,7 +13,8 @@ from typing import Any
 
 from celery import Celery, signals
 
-from .compat import patch_kombu_redis_reconnect
+from .cancel_watch import gevent_active
+from .compat import patch_gevent_waits, patch_kombu_redis_reconnect
 from .db import get_engine
 from .queues import CONTROL_QUEUE, direct_queue
 from .schedule import beat_schedule
@@ -21,6 +22,8 @@ from .settings import MEMORY_BROKER, Settings
 from .store import Store
 
 patch_kombu_redis_reconnect()
+if gevent_active():  # a -P gevent worker: celery patched the process before importing us
+    patch_gevent_waits()
 app = Celery("fusillade_celery", include=["fusillade_celery.tasks"])
 
 _current: dict[str, Any] = {}
