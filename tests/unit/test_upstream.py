@@ -65,3 +65,17 @@ def test_unusable_targets_and_headers_are_builder_errors(
     out = upstream.attempt(upstream.get_session(), item(url, api_key), Settings())
     assert out.kind is ErrorKind.BUILDER_ERROR, out
     assert "sk-bad" not in out.detail  # the error record never quotes the key
+
+
+def test_the_adapter_keeps_one_pool_per_origin_until_closed(mock_url: str) -> None:
+    session = upstream.get_session()
+    adapter = session.get_adapter(mock_url)
+    for _ in range(3):
+        assert upstream.attempt(session, item(mock_url), Settings()).ok
+    kept = [k for k in adapter._pools if k[0] == mock_url]
+    assert len(kept) == 1  # one lookup per origin, not per request
+    first = adapter._pools[kept[0]]
+    adapter.close()  # what Session.close does: the kept pools go with the manager's
+    out = upstream.attempt(session, item(mock_url), Settings())
+    assert out.ok and (out.request_id or "").startswith("mock-")
+    assert adapter._pools[kept[0]] is not first
