@@ -10,7 +10,9 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -159,16 +161,26 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
         print(f"submitted {batch_id}", file=sys.stderr)
     bar = _Bar(batch_id, enabled=not args.quiet)
+    # Ctrl-C only sets a flag that the run loop checks every tick. Raised from the signal
+    # handler, the KeyboardInterrupt could land in a finalizer (a pooled connection's, a
+    # thread's), where Python prints and drops it, and the run carried on to the end.
+    interrupted = threading.Event()
+    previous = signal.signal(signal.SIGINT, lambda *_: interrupted.set())
     try:
         if settings.embedded:
-            batch = run_batch(client, batch_id, on_progress=bar, concurrency=args.concurrency)
+            batch = run_batch(
+                client, batch_id, on_progress=bar, concurrency=args.concurrency, stop=interrupted
+            )
         else:
+            signal.signal(signal.SIGINT, previous)
             batch = _follow(client, batch_id, bar)
     except KeyboardInterrupt:
         bar.close()
         print(f"interrupted; run the same command again to resume {batch_id}", file=sys.stderr)
         sys.stderr.flush()
         os._exit(EXIT_INTERRUPTED)  # worker threads may sit in an upstream call: do not wait
+    finally:
+        signal.signal(signal.SIGINT, previous)
     bar.close()
     n_out, n_err = _write_results(client, batch_id, out, err)
     counts = batch["request_counts"]

@@ -104,11 +104,13 @@ def run_batch(
     batch_id: str,
     on_progress: Progress | None = None,
     concurrency: int | None = None,
+    stop: threading.Event | None = None,
 ) -> dict[str, Any]:
     """Process ``batch_id`` to a terminal status in this process; returns the Batch object.
 
     On the way in, rows left in flight by an earlier, interrupted run go back to pending: in
-    embedded mode this process is the only worker, so they are orphans by definition."""
+    embedded mode this process is the only worker, so they are orphans by definition. Setting
+    ``stop`` ends the run as Ctrl-C does (KeyboardInterrupt) at the next tick."""
     settings = client.settings
     configure(embedded_settings(settings))
     app.conf.broker_transport_options = {"polling_interval": 0.005}
@@ -132,6 +134,8 @@ def run_batch(
     last_reap = 0.0
     try:
         while True:
+            if stop is not None and stop.is_set():
+                raise KeyboardInterrupt
             now = time.time()
             if now - last_reap > 5.0:
                 maintenance.reap(store, settings, now)

@@ -94,7 +94,7 @@ def test_cli_run_resumes_after_ctrl_c(tmp_path: Path) -> None:
         wait_for(lambda: _completed(db) >= 40, 60, what="the first run to make progress")
         first.send_signal(signal.SIGINT)
         _, err = first.communicate(timeout=30)
-        assert first.returncode == 130
+        assert first.returncode == 130, err
         assert "run the same command again to resume" in err
         done_before = _completed(db)
         assert 40 <= done_before < 300
