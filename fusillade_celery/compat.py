@@ -115,7 +115,6 @@ def patch_psycopg_gevent_wait() -> None:
     }
     libev = {waiting.WAIT_R: 1, waiting.WAIT_W: 2, waiting.WAIT_RW: 3}  # READ, WRITE
     bad = ~(select.POLLIN | select.POLLOUT)
-    idle = _Idle()
 
     def psycopg_gevent_wait(
         gen: Any, fileno: int, interval: float = 0.0, timeout: float | None = None
@@ -138,7 +137,7 @@ def patch_psycopg_gevent_wait() -> None:
                         wait_s = max(0.0, min(interval, deadline - monotonic()))
                     watcher = hub.loop.io(fileno, libev[s])
                     try:
-                        wait_on(watcher, timeout=wait_s, timeout_exc=idle)
+                        wait_on(watcher, timeout=wait_s, timeout_exc=_Idle())
                         events = poll.poll(0)
                     except _Idle:
                         events = []

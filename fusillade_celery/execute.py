@@ -23,8 +23,11 @@ from .store import Finish, Store, WorkItem
 
 log = logging.getLogger(__name__)
 
-#: Longest a finished attempt waits for its message-mates before being written back.
-FLUSH_S = 0.05
+#: Longest a finished attempt waits for its message-mates before being written back. Each
+#: write-back is a transaction and, when it ends requests, a refill claim and a new message:
+#: at 1 s upstream latency, 0.15 s rather than 0.05 s cut the machine's CPU per request by
+#: about 15 % (benchmark "latency"). A message whose attempts are all done is written at once.
+FLUSH_S = 0.15
 
 #: schedule_retry(request_ids, countdown_seconds): publish them again after the delay.
 ScheduleRetry = Callable[[list[int], float], None]

@@ -16,9 +16,10 @@ from typing import Any
 
 import requests
 from requests.adapters import HTTPAdapter
+from requests.cookies import RequestsCookieJar
 from requests.hooks import default_hooks
 from requests.structures import CaseInsensitiveDict
-from requests.utils import get_encoding_from_headers
+from requests.utils import check_header_validity, get_encoding_from_headers
 
 from .settings import Settings
 from .states import ErrorKind
@@ -64,7 +65,7 @@ class _Adapter(HTTPAdapter):
     - The response is built without copying cookies into it: this session refuses cookies
       (get_session), so there is nothing to copy."""
 
-    MAX_POOLS = 64
+    MAX_POOLS = 16  # requests' pool_connections: urllib3 keeps as many pools
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -153,6 +154,9 @@ def build_headers(item: WorkItem, api_key: str, settings: Settings) -> dict[str,
         "X-Fusillade-Custom-Id": header_value(item.custom_id),
     }
     if api_key:
+        # The key is the one user-supplied value sent as is: requests' own check rejects
+        # CR/LF anywhere in it (http.client would pass a folded "\r\n\t..." line).
+        check_header_validity(("Authorization", f"Bearer {api_key}"))
         headers["Authorization"] = f"Bearer {api_key}"
     for name in settings.batch_metadata_fields:
         value = item.batch_fields.get(name)
@@ -221,32 +225,45 @@ def attempt(session: requests.Session, item: WorkItem, settings: Settings) -> Ou
     )
 
 
+#: The cookie jar of every prepared request: requests follows redirects through it, and it
+#: refuses every cookie, so one jar serves all requests (Request.prepare built one each time).
+NO_COOKIES = RequestsCookieJar(policy=DefaultCookiePolicy(allowed_domains=[]))
+
+
 @functools.lru_cache(maxsize=1024)
-def checked_url(url: str) -> str:
+def checked_url(url: str) -> tuple[str, str | None]:
     """``url`` as requests would send it, validated (scheme, host; raises MissingSchema,
-    InvalidURL): once per distinct URL, not once per request."""
+    InvalidURL), and the Basic ``Authorization`` that credentials in it stand for (requests
+    sends ``user:pass@`` that way, in place of any other Authorization): once per distinct
+    URL, not once per request."""
     p = requests.PreparedRequest()
     p.prepare_url(url, None)
+    p.headers = CaseInsensitiveDict()
+    p.prepare_auth(None, p.url)
     assert p.url is not None
-    return p.url
+    return p.url, p.headers.get("Authorization")
 
 
 def prepare(url: str, headers: dict[str, str], body: str) -> requests.PreparedRequest:
     """The POST to send, built directly rather than by ``Request.prepare`` or
     ``Session.post``: those parse the URL again, build a cookie jar and merge session headers,
     cookies and environment settings on every call, which cost about as much CPU as the HTTP
-    exchange itself. Nothing here needs them: the URL is validated once (``checked_url``),
-    the session has no headers of its own (BASE_HEADERS are sent instead), refuses cookies and
-    ignores the environment (get_session). Header values are checked by http.client when sent
-    (a bad one raises ValueError: a builder error)."""
+    exchange itself. What they did that matters is kept: the URL is validated once
+    (``checked_url``, with its credentials), header values that come from users are checked in
+    ``build_headers``, and redirects are followed through a cookie jar that refuses cookies.
+    The session has no headers of its own (BASE_HEADERS are sent instead) and ignores the
+    environment (get_session)."""
     data = body.encode("utf-8")
     p = requests.PreparedRequest()
     p.method = "POST"
-    p.url = checked_url(url)
+    p.url, basic_auth = checked_url(url)
     p.headers = CaseInsensitiveDict(headers)
+    if basic_auth is not None:
+        p.headers["Authorization"] = basic_auth
     p.headers["Content-Length"] = str(len(data))
     p.body = data
     p.hooks = default_hooks()
+    p._cookies = NO_COOKIES  # type: ignore[attr-defined]
     return p
 
 

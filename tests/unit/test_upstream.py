@@ -56,6 +56,8 @@ def test_attempt_sends_the_body_and_headers_and_reads_the_reply(mock_url: str) -
         ("ftp://127.0.0.1:9", "k"),  # no adapter for the scheme
         ("http://127.0.0.1:99999", "k"),  # port out of range
         ("MOCK", "sk-bad\r\nx-injected: 1"),  # a key that would split the header
+        ("MOCK", "sk-bad\r\n\tx-folded: 1"),  # ... or fold it (http.client lets that pass)
+        ("MOCK", "sk-bad\nx"),
     ],
 )
 def test_unusable_targets_and_headers_are_builder_errors(
@@ -79,3 +81,40 @@ def test_the_adapter_keeps_one_pool_per_origin_until_closed(mock_url: str) -> No
     out = upstream.attempt(session, item(mock_url), Settings())
     assert out.ok and (out.request_id or "").startswith("mock-")
     assert adapter._pools[kept[0]] is not first
+
+
+@pytest.mark.parametrize("status", [307, 308])
+def test_redirects_are_followed_with_the_body(mock_url: str, status: int) -> None:
+    """An upstream behind a redirect (a moved path, http to https) answers as before."""
+    import http.server
+    import threading
+
+    class Redirect(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(status)
+            self.send_header("Location", mock_url + self.path)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        out = upstream.attempt(upstream.get_session(), item(url), Settings())
+        assert out.ok and out.status == 200, out
+        assert json.loads(out.body or "")["object"] == "chat.completion"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_credentials_in_the_upstream_url_are_sent_as_basic_auth(mock_url: str) -> None:
+    url = mock_url.replace("http://", "http://user:pa%20ss@")
+    out = upstream.attempt(upstream.get_session(), item(url, api_key=None), Settings())
+    assert out.ok, out
+    call = upstream.requests.get(mock_url + "/_mock/stats", timeout=5).json()["log"][-1]
+    assert call["headers"]["authorization"] == "Basic dXNlcjpwYSBzcw=="  # user:pa ss
