@@ -7,11 +7,15 @@ and for the upstream scenarios also times a bare ``requests.Session`` loop again
 upstream in the same run, reporting the ratio.
 
 Scenarios (issue 4's targets): ``instant`` (20,000 requests, instant upstream, distributed),
+``instant-16`` (the same with messages of at most 16 requests, the earlier default),
 ``latency`` (10,000 requests, 1 s upstream latency, model limit 1,000; also the time from
 ``submit_batch`` returning to the first upstream call), ``embedded`` (``fusillade-celery run``
 on SQLite), ``scale`` (submit 1,000,000 lines: time and peak RSS; the claim statement at 10,000
-and 1,000,000 pending rows with its plan; ``iter_results`` lines/s and RSS), ``memory`` (worker
-RSS after 10,000 and after 100,000 requests). ``--scenarios a,b`` picks some.
+and 1,000,000 pending rows, timed in turns, with its plan; ``iter_results`` lines/s and RSS),
+``memory`` (worker RSS after 10,000 and after 100,000 requests). ``--scenarios a,b`` picks
+some; an unknown name is an error. The distributed scenarios also report CPU per request (the
+whole machine's, and the workers'), steadier across runs than rates on a machine whose speed
+drifts.
 """
 
 from __future__ import annotations
@@ -582,6 +586,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=100)
     args = p.parse_args(argv)
     wanted = args.scenarios.split(",")
+    known = {"instant", "instant-16", "latency", "embedded", "scale", "memory"}
+    if unknown := sorted(set(wanted) - known):
+        p.error(f"unknown scenario(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
     use_nginx = nginx_binary() is not None and not args.no_nginx
     result: dict[str, Any] = {
         "machine": {"cores": os.cpu_count()},
