@@ -112,6 +112,37 @@ def test_cli_run_resumes_after_ctrl_c(tmp_path: Path) -> None:
         stop(mock)
 
 
+def test_ctrl_c_does_not_wait_for_slow_upstream_calls(tmp_path: Path) -> None:
+    import requests
+
+    mock, url = _start_mock("--latency-ms", "60000")
+    try:
+        src = tmp_path / "in.jsonl"
+        src.write_text("".join(json.dumps(line(f"s{i}")) + "\n" for i in range(20)))
+        env = {
+            **os.environ,
+            "FUSILLADE_DATABASE_URL": f"sqlite:///{tmp_path / 'state.sqlite3'}",
+            "FUSILLADE_UPSTREAM_URL": url,
+            "FUSILLADE_MODEL_LIMITS": "m1=5",
+        }
+        env.pop("FUSILLADE_BROKER_URL", None)
+        run = subprocess.Popen([*CLI, "run", str(src)], env=env, stderr=subprocess.PIPE, text=True)
+        wait_for(
+            lambda: (
+                requests.get(url + "/_mock/stats", timeout=5).json()["in_flight"].get("m1") == 5
+            ),
+            60,
+            what="five one-minute calls in flight",
+        )
+        run.send_signal(signal.SIGINT)
+        # Exits while its calls still have most of a minute to go (a warm stop would wait).
+        _, err = run.communicate(timeout=20)
+        assert run.returncode == 130, err
+        assert "run the same command again to resume" in err
+    finally:
+        stop(mock)
+
+
 def test_demo_runs_a_real_batch_of_two_models(tmp_path: Path) -> None:
     out_dir = tmp_path / "demo"
     res = subprocess.run(
