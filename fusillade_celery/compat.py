@@ -36,9 +36,9 @@ def patch_kombu_redis_reconnect() -> None:
     except ImportError:  # pragma: no cover - both are dependencies
         return
     channel = kombu_redis.Channel
-    original = channel._connparams
-    if getattr(original, "_fusillade_patched", False):
+    if _installed(channel, "_connparams"):
         return
+    original = channel._connparams
 
     @functools.wraps(original)
     def _connparams(self: Any, *args: Any, **kwargs: Any) -> Any:
@@ -46,22 +46,46 @@ def patch_kombu_redis_reconnect() -> None:
             raise RedisConnectionError("broker transport closed; reconnecting")
         return original(self, *args, **kwargs)
 
-    _connparams._fusillade_patched = True  # type: ignore[attr-defined]
-    channel._connparams = _connparams  # type: ignore[method-assign]
+    _install(channel, "_connparams", _connparams)
+
+
+def _install(owner: Any, name: str, replacement: Any) -> None:
+    """Put ``replacement`` in place of ``owner.name``, marked so that applying it again is a
+    no-op (``_installed``)."""
+    replacement._fusillade_patched = True
+    setattr(owner, name, replacement)
+
+
+def _installed(owner: Any, name: str) -> bool:
+    return bool(getattr(getattr(owner, name), "_fusillade_patched", False))
+
+
+@functools.cache
+def _os_poll() -> Any:
+    """``select.poll`` as it was before gevent patched it."""
+    from gevent import monkey
+
+    return monkey.get_original("select", "poll")
+
+
+def _ready_now(fd: Any, mask: int) -> int:
+    """The poll events of ``fd`` (a socket or a file descriptor) among ``mask`` right now,
+    0 when none, from the operating system's poll: with a zero timeout it never blocks, so it
+    is safe to call under gevent without gevent's emulation of it (see 2. and 3.)."""
+    poll = _os_poll()()
+    poll.register(fd, mask)
+    events = poll.poll(0)
+    return int(events[0][1]) if events else 0
 
 
 def patch_urllib3_zero_timeout_wait() -> None:
     """Under gevent: answer urllib3's zero-timeout socket checks with the OS poll (see 2.)."""
-    try:
-        import select
+    import select
 
-        import urllib3.util.wait as wait
-        from gevent import monkey
-    except ImportError:  # pragma: no cover - both are dependencies
+    import urllib3.util.wait as wait
+
+    if _installed(wait, "wait_for_socket"):
         return
-    if getattr(wait.wait_for_socket, "_fusillade_patched", False):
-        return
-    os_poll = monkey.get_original("select", "poll")
     waiting = wait.poll_wait_for_socket  # calls gevent's poll once select is patched
 
     def wait_for_socket(
@@ -69,13 +93,11 @@ def patch_urllib3_zero_timeout_wait() -> None:
     ) -> bool:
         if timeout != 0:
             return bool(waiting(sock, read, write, timeout))
-        mask = (select.POLLIN if read else 0) | (select.POLLOUT if write else 0)
-        poll = os_poll()
-        poll.register(sock, mask)
-        return bool(poll.poll(0))
+        return bool(
+            _ready_now(sock, (select.POLLIN if read else 0) | (select.POLLOUT if write else 0))
+        )
 
-    wait_for_socket._fusillade_patched = True  # type: ignore[attr-defined]
-    wait.wait_for_socket = wait_for_socket
+    _install(wait, "wait_for_socket", wait_for_socket)
 
 
 def patch_gevent_waits() -> None:
@@ -95,19 +117,15 @@ class _Idle(Exception):
 
 def patch_psycopg_gevent_wait() -> None:
     """Under gevent: psycopg waits on gevent watchers, readiness from the OS poll (see 3.)."""
-    try:
-        import select
-        from time import monotonic
+    import select
+    from time import monotonic
 
-        import gevent
-        from gevent import monkey
-        from gevent.socket import wait as wait_on
-        from psycopg import errors, waiting
-    except ImportError:  # pragma: no cover - all are dependencies
+    import gevent
+    from gevent.socket import wait as wait_on
+    from psycopg import errors, waiting
+
+    if _installed(waiting, "wait"):
         return
-    if getattr(waiting.wait, "_fusillade_patched", False):
-        return
-    os_poll = monkey.get_original("select", "poll")
     masks = {
         waiting.WAIT_R: select.POLLIN,
         waiting.WAIT_W: select.POLLOUT,
@@ -124,33 +142,30 @@ def patch_psycopg_gevent_wait() -> None:
         interval = max(interval, 0.0)
         deadline = monotonic() + timeout if timeout is not None else None
         hub = gevent.get_hub()
-        poll = os_poll()
         busy_since = monotonic()
         try:
             s = next(gen)
-            poll.register(fileno, masks[s])
             while True:
-                events = poll.poll(0)
-                if not events:
+                ev = _ready_now(fileno, masks[s])
+                if not ev:
                     wait_s = interval
                     if deadline is not None:
                         wait_s = max(0.0, min(interval, deadline - monotonic()))
                     watcher = hub.loop.io(fileno, libev[s])
                     try:
                         wait_on(watcher, timeout=wait_s, timeout_exc=_Idle())
-                        events = poll.poll(0)
+                        ev = _ready_now(fileno, masks[s])
                     except _Idle:
-                        events = []
+                        pass
                     finally:
                         watcher.close()
                     busy_since = monotonic()
                 elif monotonic() - busy_since > MAX_BUSY_S:
                     gevent.sleep(0)
                     busy_since = monotonic()
-                if not events:
+                if not ev:
                     gen.send(waiting.READY_NONE)
                 else:
-                    ev = events[0][1]
                     ready = 0
                     if ev & select.POLLIN:
                         ready = waiting.READY_R
@@ -163,11 +178,9 @@ def patch_psycopg_gevent_wait() -> None:
                             raise errors.OperationalError("connection socket closed") from exc
                         raise errors.OperationalError("connection socket closed")
                     s = gen.send(ready)
-                    poll.modify(fileno, masks[s])
                 if deadline is not None and monotonic() >= deadline:
                     raise errors._WaitTimeout("wait timeout expired")
         except StopIteration as stop:
             return stop.value
 
-    psycopg_gevent_wait._fusillade_patched = True  # type: ignore[attr-defined]
-    waiting.wait = psycopg_gevent_wait
+    _install(waiting, "wait", psycopg_gevent_wait)
