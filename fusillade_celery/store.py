@@ -68,6 +68,42 @@ def _fence_state(*states: RequestState) -> ColumnElement[bool]:
     return and_(*(col != s.value for s in RequestState if s not in states))
 
 
+#: One write-back row, as both write paths read it (see ``_result_row``).
+_RESULT_COLUMNS = (
+    column("id", BigInteger),
+    column("status", Integer),
+    column("body", Text),
+    column("error", Text),
+    column("not_before", Float),
+)
+
+
+def _result_row(f: Finish) -> dict[str, Any]:
+    """What a write-back stores for one attempt, keyed like ``_RESULT_COLUMNS``."""
+    return {
+        "id": f.id,
+        "status": f.status,
+        "body": f.body,
+        "error": json.dumps(f.error) if f.error else None,
+        "not_before": f.not_before,
+    }
+
+
+def _with_results(values: dict[str, Any], result: Callable[[str], Any]) -> dict[str, Any]:
+    """The SET clause of a write-back: ``values`` (state, its timestamp) plus the attempt's
+    result columns, each read through ``result(name)`` (a bind per row, or a column of the
+    JSON rows); ``not_before`` only for a retry."""
+    out = {
+        **values,
+        "response_status": result("status"),
+        "response_body": result("body"),
+        "error": result("error"),
+    }
+    if values["state"] == S.RETRYING.value:
+        out["not_before"] = result("not_before")
+    return out
+
+
 _ACTIVE_BATCH = and_(
     t.batches.c.completed_at.is_(None),
     t.batches.c.failed_at.is_(None),
@@ -414,28 +450,13 @@ class Store:
         """The group's write-backs as one executemany, a statement per row (SQLite: no
         arrays). Fenced on (id, token, state=processing)."""
         r = t.requests
-        values = {
-            **values,
-            "response_status": bindparam("b_status"),
-            "response_body": bindparam("b_body"),
-            "error": bindparam("b_error"),
-        }
-        if values["state"] == S.RETRYING.value:
-            values["not_before"] = bindparam("b_not_before")
         fence = and_(
             r.c.id == bindparam("b_id"), r.c.claim_token == token, r.c.state == S.PROCESSING.value
         )
-        params = [
-            {
-                "b_id": f.id,
-                "b_status": f.status,
-                "b_body": f.body,
-                "b_error": json.dumps(f.error) if f.error else None,
-                "b_not_before": f.not_before,
-            }
-            for f in group
-        ]
-        return max(conn.execute(update(r).where(fence).values(**values), params).rowcount, 0)
+        # Bind names get a prefix: "id" and "error" are the table's own column names.
+        params = [{"b_" + k: v for k, v in _result_row(f).items()} for f in group]
+        stmt = update(r).where(fence).values(**_with_results(values, lambda k: bindparam("b_" + k)))
+        return max(conn.execute(stmt, params).rowcount, 0)
 
     @staticmethod
     def _finish_unnest(
@@ -448,41 +469,16 @@ class Store:
         every element of a text array in Python, which cost 4-5 % of a worker's CPU on the
         response bodies; ``json.dumps`` escapes them in C. Same fence as row by row."""
         r = t.requests
-        payload = json.dumps(
-            [
-                {
-                    "id": f.id,
-                    "status": f.status,
-                    "body": f.body,
-                    "error": json.dumps(f.error) if f.error else None,
-                    "not_before": f.not_before,
-                }
-                for f in group
-            ]
-        )
+        payload = json.dumps([_result_row(f) for f in group])
         v = (
             func.json_to_recordset(cast(bindparam("rows", payload, type_=Text), JSON))
-            .table_valued(
-                column("id", BigInteger),
-                column("status", Integer),
-                column("body", Text),
-                column("error", Text),
-                column("not_before", Float),
-            )
+            .table_valued(*_RESULT_COLUMNS)
             .render_derived(name="v", with_types=True)
         )
-        values = {
-            **values,
-            "response_status": v.c.status,
-            "response_body": v.c.body,
-            "error": v.c.error,
-        }
-        if values["state"] == S.RETRYING.value:
-            values["not_before"] = v.c.not_before
         res = conn.execute(
             update(r)
             .where(r.c.id == v.c.id, r.c.claim_token == token, _fence_state(S.PROCESSING))
-            .values(**values)
+            .values(**_with_results(values, lambda k: v.c[k]))
         )
         return max(res.rowcount, 0)
 
