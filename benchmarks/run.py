@@ -569,9 +569,12 @@ def run_memory(first: int, total: int, workers: int, concurrency: int, use_nginx
     return {"marks": marks, "growth": round(last_rss / first_rss - 1, 3)}
 
 
+SCENARIOS = ("instant", "instant-16", "latency", "embedded", "scale", "memory")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--scenarios", default="instant,instant-16,latency,embedded,scale,memory")
+    p.add_argument("--scenarios", default=",".join(SCENARIOS))
     p.add_argument("--instant-requests", type=int, default=20_000)
     p.add_argument("--instant-limit", type=int, default=1000)
     p.add_argument("--latency-requests", type=int, default=10_000)
@@ -586,9 +589,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=100)
     args = p.parse_args(argv)
     wanted = args.scenarios.split(",")
-    known = {"instant", "instant-16", "latency", "embedded", "scale", "memory"}
-    if unknown := sorted(set(wanted) - known):
-        p.error(f"unknown scenario(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    if unknown := sorted(set(wanted) - set(SCENARIOS)):
+        p.error(f"unknown scenario(s) {', '.join(unknown)}; known: {', '.join(SCENARIOS)}")
     use_nginx = nginx_binary() is not None and not args.no_nginx
     result: dict[str, Any] = {
         "machine": {"cores": os.cpu_count()},

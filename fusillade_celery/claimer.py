@@ -56,10 +56,9 @@ class MessageSizer:
     spread over at least as many messages as there are consumers. Fewer, larger messages are
     what make instant upstreams fast (per message: a broker round trip, task events, a start
     and a finish transaction). The consumer list is read at most once per heartbeat interval
-    per process (``ttl_s``)."""
+    per process: the rows it reads change no faster."""
 
-    def __init__(self, ttl_s: float) -> None:
-        self.ttl_s = ttl_s
+    def __init__(self) -> None:
         self._lock = threading.Lock()
         self._cache: dict[tuple[str, str], tuple[float, list[int | None]]] = {}
         #: Set while this process is the only worker (embedded mode): its -c, no lookup.
@@ -93,7 +92,7 @@ class MessageSizer:
             log.warning("could not read the consumers of %s (%s)", queue, exc)
             found = []
         with self._lock:
-            self._cache[key] = (now + self.ttl_s, found)
+            self._cache[key] = (now + settings.heartbeat_interval_ms / 1000.0, found)
         return found
 
 

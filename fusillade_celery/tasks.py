@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 #: This process's slot-release refills, one background runner per model (see claimer.Refill).
 REFILL = claimer.Refill("refill claim")
 #: This process's view of each queue's consumers, for sizing execute messages.
-SIZER = claimer.MessageSizer(ttl_s=get_settings().heartbeat_interval_ms / 1000.0)
+SIZER = claimer.MessageSizer()
 
 
 @signals.celeryd_init.connect

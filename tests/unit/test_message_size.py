@@ -27,9 +27,9 @@ def test_split_gives_each_consumer_a_share_of_a_small_claim() -> None:
 def test_sizer_caps_messages_at_the_smallest_live_consumer(
     store: Store, settings: Settings
 ) -> None:
-    settings = settings.replace(requests_per_message=64)
+    settings = settings.replace(requests_per_message=64, heartbeat_interval_ms=0)
     now = time.time()
-    sizer = MessageSizer(ttl_s=0)
+    sizer = MessageSizer()
     ids = list(range(100))
     # Nobody has registered yet: small messages, whatever the workers turn out to be.
     cap = UNKNOWN_CONCURRENCY_CAP
@@ -54,9 +54,11 @@ def test_sizer_caps_messages_at_the_smallest_live_consumer(
 
 
 def test_sizer_reads_the_consumers_once_per_ttl(store: Store, settings: Settings) -> None:
-    sizer = MessageSizer(ttl_s=3600)
+    sizer = MessageSizer()
+    hourly = settings.replace(heartbeat_interval_ms=3_600_000)
     store.heartbeat("h:1", "h", 1, "model.m1", time.time(), concurrency=10)
-    assert sizer.consumers(store, settings, "model.m1") == [10]
+    assert sizer.consumers(store, hourly, "model.m1") == [10]
     store.heartbeat("h:2", "h", 2, "model.m1", time.time(), concurrency=30)
-    assert sizer.consumers(store, settings, "model.m1") == [10]  # cached
-    assert MessageSizer(ttl_s=0).consumers(store, settings, "model.m1") in ([10, 30], [30, 10])
+    assert sizer.consumers(store, hourly, "model.m1") == [10]  # cached
+    fresh = settings.replace(heartbeat_interval_ms=0)
+    assert MessageSizer().consumers(store, fresh, "model.m1") in ([10, 30], [30, 10])
