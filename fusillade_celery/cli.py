@@ -137,10 +137,27 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    """Submit INPUT and process it to the end; embedded unless a broker is configured."""
+def _run_embedded(
+    client: Any, batch_id: str, bar: Callable[[dict[str, Any]], None], concurrency: int | None
+) -> dict[str, Any]:
+    """``run_batch`` with Ctrl-C turned into a flag its loop checks every tick (it then raises
+    KeyboardInterrupt itself). Raised from the signal handler, the KeyboardInterrupt could land
+    in a finalizer (a pooled connection's, a thread's), where Python prints and drops it, and
+    the run carried on to the end."""
     from .embedded import run_batch
 
+    interrupted = threading.Event()
+    previous = signal.signal(signal.SIGINT, lambda *_: interrupted.set())
+    try:
+        return run_batch(
+            client, batch_id, on_progress=bar, concurrency=concurrency, stop=interrupted
+        )
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Submit INPUT and process it to the end; embedded unless a broker is configured."""
     settings = _settings()
     input_path = Path(args.input)
     if not input_path.is_file():
@@ -161,26 +178,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
         print(f"submitted {batch_id}", file=sys.stderr)
     bar = _Bar(batch_id, enabled=not args.quiet)
-    # Ctrl-C only sets a flag that the run loop checks every tick. Raised from the signal
-    # handler, the KeyboardInterrupt could land in a finalizer (a pooled connection's, a
-    # thread's), where Python prints and drops it, and the run carried on to the end.
-    interrupted = threading.Event()
-    previous = signal.signal(signal.SIGINT, lambda *_: interrupted.set())
     try:
         if settings.embedded:
-            batch = run_batch(
-                client, batch_id, on_progress=bar, concurrency=args.concurrency, stop=interrupted
-            )
+            batch = _run_embedded(client, batch_id, bar, args.concurrency)
         else:
-            signal.signal(signal.SIGINT, previous)
             batch = _follow(client, batch_id, bar)
     except KeyboardInterrupt:
         bar.close()
         print(f"interrupted; run the same command again to resume {batch_id}", file=sys.stderr)
         sys.stderr.flush()
         os._exit(EXIT_INTERRUPTED)  # worker threads may sit in an upstream call: do not wait
-    finally:
-        signal.signal(signal.SIGINT, previous)
     bar.close()
     n_out, n_err = _write_results(client, batch_id, out, err)
     counts = batch["request_counts"]
