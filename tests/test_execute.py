@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import json
 import time
+from typing import Any
 
 import pytest
 
 from fusillade_celery import claimer, maintenance
-from fusillade_celery.execute import execute
+from fusillade_celery.execute import Report, execute
 from fusillade_celery.mock_upstream import MockUpstream
 from fusillade_celery.settings import Settings
 from fusillade_celery.store import Store
@@ -34,13 +35,18 @@ class Recorder:
         self.retries.append((ids, delay))
 
 
+def run_message(
+    store: Store, settings: Settings, token: str, ids: list[int], rec: Recorder, **kwargs: Any
+) -> Report:
+    """One execute message as the task runs it: this process's session, worker "w1"."""
+    return execute(store, settings, get_session(), token, ids, "w1", rec.schedule_retry, **kwargs)
+
+
 def run_claimed(store: Store, settings: Settings, rec: Recorder) -> list:
     reports = []
     while rec.messages:
         _, token, ids = rec.messages.pop(0)
-        reports.append(
-            execute(store, settings, get_session(), token, ids, "w1", rec.schedule_retry)
-        )
+        reports.append(run_message(store, settings, token, ids, rec))
     return reports
 
 
@@ -89,14 +95,12 @@ def test_stale_and_duplicate_messages_change_nothing(
     claimer.claim_all(client.store, settings, rec.publish)
     _, token, ids = rec.messages[0]
     # a message with a wrong token: nothing starts, no upstream call
-    report = execute(
-        client.store, settings, get_session(), "not-the-token", ids, "w1", rec.schedule_retry
-    )
+    report = run_message(client.store, settings, "not-the-token", ids, rec)
     assert (report.started, report.stale, mock.state.calls) == (0, 1, 0)
     # the real one completes; a duplicate delivery of it afterwards does nothing
-    execute(client.store, settings, get_session(), token, ids, "w1", rec.schedule_retry)
+    run_message(client.store, settings, token, ids, rec)
     before = client.store.request_rows(batch_id)[0]
-    report = execute(client.store, settings, get_session(), token, ids, "w1", rec.schedule_retry)
+    report = run_message(client.store, settings, token, ids, rec)
     assert report.started == 0 and mock.state.calls == 1
     assert client.store.request_rows(batch_id)[0] == before
     # a late write-back of the old attempt cannot overwrite the terminal row
@@ -225,9 +229,7 @@ def test_expiry_keeps_finished_results_and_fails_the_rest(
     token, claimed = client.store.claim("m1", "m1", limit=10, batch_size=1, now=time.time())
     rows = client.store.request_rows(batch_id)
     first_token = rows[0]["claim_token"]
-    execute(
-        client.store, settings, get_session(), first_token, [rows[0]["id"]], "w", rec.schedule_retry
-    )
+    run_message(client.store, settings, first_token, [rows[0]["id"]], rec)
     maintenance.finalize(client.store, settings, now=time.time() + 2)
     batch = client.get_batch(batch_id)
     assert batch["status"] == "expired"
@@ -235,15 +237,7 @@ def test_expiry_keeps_finished_results_and_fails_the_rest(
     errors = list(client.iter_results(batch_id, errors=True))
     assert [(e["custom_id"], e["error"]["code"]) for e in errors] == [("late", "batch_expired")]
     # the in-flight attempt of "late" finishing now cannot overwrite the expiry
-    report = execute(
-        client.store,
-        settings,
-        get_session(),
-        token,
-        [c.id for c in claimed],
-        "w",
-        rec.schedule_retry,
-    )
+    report = run_message(client.store, settings, token, [c.id for c in claimed], rec)
     assert report.started == 0
 
 
@@ -256,7 +250,7 @@ def test_cancel_stops_new_sends(client: Client, settings: Settings, mock: MockUp
     claimed = [(r["claim_token"], r["id"]) for r in rows if r["state"] == "claimed"]
     assert client.cancel_batch(batch_id)["status"] == "cancelling"
     for token, rid in claimed:  # messages already queued
-        execute(client.store, settings, get_session(), token, [rid], "w", rec.schedule_retry)
+        run_message(client.store, settings, token, [rid], rec)
     assert mock.state.calls == 0
     assert set(states(client.store, batch_id).values()) == {"canceled"}
     assert claimer.claim_all(client.store, settings, rec.publish) == {}
@@ -273,12 +267,7 @@ def test_reaper_returns_orphans_with_a_new_token(client: Client, settings: Setti
     token2, _ = client.store.claim("m1", "m1", limit=5, batch_size=5, now=time.time())
     assert token2 != token
     rec = Recorder()
-    assert (
-        execute(
-            client.store, settings, get_session(), token, [claimed[0].id], "w", rec.schedule_retry
-        ).started
-        == 0
-    )
+    assert run_message(client.store, settings, token, [claimed[0].id], rec).started == 0
 
 
 def test_a_batch_is_finalized_right_after_its_last_write_back(
@@ -292,14 +281,12 @@ def test_a_batch_is_finalized_right_after_its_last_write_back(
     claimer.claim_model(client.store, settings, rec.publish, "m1")
     ended: list[tuple[set[str], set[str]]] = []
     for _, token, ids in rec.messages:
-        execute(
+        run_message(
             client.store,
             settings,
-            get_session(),
             token,
             ids,
-            "w1",
-            rec.schedule_retry,
+            rec,
             requests_ended=lambda models, batches: ended.append((models, batches)),
         )
     assert ended and all(e == ({"m1"}, {done_id}) for e in ended)
@@ -325,15 +312,8 @@ def test_without_gevent_a_message_runs_its_attempts_concurrently_within_c(
     batch_id = client.submit_batch([line(f"t{i}", mock_latency_ms=300) for i in range(8)])
     token, rows = client.store.claim("m1", "m1", 100, 100, time.time())
     watch = CancelWatch(client.store, poll_s=1.0, concurrency=concurrency)
-    report = execute(
-        client.store,
-        settings,
-        get_session(),
-        token,
-        [r.id for r in rows],
-        "w1",
-        Recorder().schedule_retry,
-        watch,
+    report = run_message(
+        client.store, settings, token, [r.id for r in rows], Recorder(), watch=watch
     )
     assert report.completed == 8
     assert mock.state.peak["m1"] == concurrency

@@ -7,8 +7,15 @@ import sys
 import textwrap
 
 
+def assert_prints_ok(script: str) -> None:
+    """Run ``script`` in an interpreter of its own (it patches with gevent, which must not
+    reach this test process) and expect it to finish by printing "ok"."""
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "ok"
+
+
 def test_urllib3_zero_timeout_check_under_gevent_answers_like_urllib3() -> None:
-    # A gevent-patched interpreter of its own: patching this test process would affect others.
     script = textwrap.dedent(
         """
         from gevent import monkey; monkey.patch_all()
@@ -36,9 +43,7 @@ def test_urllib3_zero_timeout_check_under_gevent_answers_like_urllib3() -> None:
         print("ok")
         """
     )
-    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
-    assert res.returncode == 0, res.stderr
-    assert res.stdout.strip() == "ok"
+    assert_prints_ok(script)
 
 
 def test_psycopg_wait_under_gevent_is_cooperative_and_correct(pg_url: str) -> None:
@@ -82,6 +87,4 @@ def test_psycopg_wait_under_gevent_is_cooperative_and_correct(pg_url: str) -> No
             print("ok")
         """
     )
-    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
-    assert res.returncode == 0, res.stderr
-    assert res.stdout.strip() == "ok"
+    assert_prints_ok(script)
