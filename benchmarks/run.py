@@ -307,10 +307,15 @@ def process_cpu_s(pids: list[str]) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
+def worker_pids(env: dict[str, str]) -> list[str]:
+    """The cluster's worker process ids (``cluster`` records them in the env it yields)."""
+    return env["BENCH_WORKER_PIDS"].split(",")
+
+
 def worker_rss_mb(env: dict[str, str]) -> list[float]:
     """Resident set size of each worker process, from /proc."""
     out = []
-    for pid in env.get("BENCH_WORKER_PIDS", "").split(","):
+    for pid in worker_pids(env):
         try:
             status = Path(f"/proc/{pid}/status").read_text()
         except OSError:
@@ -345,8 +350,7 @@ def run_distributed(
             client = cluster_client(env)
             if not use_nginx:
                 requests.post(url + "/_mock/reset", timeout=5)
-            workers_pids = env["BENCH_WORKER_PIDS"].split(",")
-            busy0, workers0 = machine_busy_s(), process_cpu_s(workers_pids)
+            busy0, workers0 = machine_busy_s(), process_cpu_s(worker_pids(env))
             start = time.perf_counter()
             batch_id = client.submit_batch(src)
             submitted = time.perf_counter()
@@ -354,7 +358,7 @@ def run_distributed(
             wait_completed(client, batch_id, 0.05)
             elapsed = time.perf_counter() - start
             busy = machine_busy_s() - busy0
-            workers_cpu = process_cpu_s(workers_pids) - workers0
+            workers_cpu = process_cpu_s(worker_pids(env)) - workers0
             counts = client.get_batch(batch_id)["request_counts"]
             rss = worker_rss_mb(env)
         rate = n / elapsed
