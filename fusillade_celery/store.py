@@ -194,6 +194,10 @@ class Store:
     def __init__(self, engine: Engine):
         self.engine = engine
         self.is_postgres = engine.dialect.name == "postgresql"
+        #: The same pool, each statement its own transaction (PostgreSQL; see ``_one``).
+        self._autocommit = (
+            engine.execution_options(isolation_level="AUTOCOMMIT") if self.is_postgres else engine
+        )
 
     def _id_in(self, column: Any, ids: Sequence[int]) -> ColumnElement[bool]:
         """``column IN ids`` for the hot path. On PostgreSQL one array parameter
@@ -206,6 +210,19 @@ class Store:
     @contextmanager
     def _tx(self) -> Iterator[Connection]:
         with self.engine.begin() as conn:
+            yield conn
+
+    @contextmanager
+    def _one(self) -> Iterator[Connection]:
+        """A connection for one statement that is atomic by itself (PostgreSQL), sent without
+        ``BEGIN`` and ``COMMIT``: on the hot path each of those was a round trip of its own,
+        and under gevent every round trip also waits its turn behind the worker's other
+        greenlets. SQLite (several statements where PostgreSQL needs one) gets a transaction."""
+        if not self.is_postgres:
+            with self._tx() as conn:
+                yield conn
+            return
+        with self._autocommit.connect() as conn:
             yield conn
 
     # ------------------------------------------------------------------ submit
@@ -290,56 +307,76 @@ class Store:
         deadline_before: float | None = None,
     ) -> tuple[str, list[Claimed]]:
         """Claim up to ``min(batch_size, limit - in_flight(routed_model))`` pending rows of
-        ``model``, earliest deadline then line order, in one statement. Returns the fresh claim
-        token stamped on them (one per claim statement) and the rows. Serialized per routed
-        model by an advisory lock on PostgreSQL, so two claimers cannot overshoot the limit."""
+        ``model``, earliest deadline then line order. Returns the fresh claim token stamped on
+        them (one per claim statement) and the rows. Serialized per routed model by an
+        advisory lock on PostgreSQL, so two claimers cannot overshoot the limit.
+
+        On PostgreSQL that is three round trips (there were six): ``BEGIN`` with the lock, one
+        statement that counts, picks, claims and marks the batches started, and ``COMMIT``.
+        The lock is taken by a statement of its own because a statement sees only the rows
+        committed before it began: a count in the lock's statement could miss the claim it
+        waited for. Claimers wait for the lock rather than skip (one that gave up would leave
+        the slots freed meanwhile idle until the next trigger), so what it is held for, two
+        round trips now rather than four, is what other workers' refills queue behind."""
         token = new_token()
-        r = t.requests
-        with self._tx() as conn:
-            if self.is_postgres:
-                # Wait rather than skip: a claimer that gave up here would leave the slots
-                # freed since the running claim counted idle until the next trigger. The lock
-                # is this transaction's first statement (a waiter holds nothing) and the
-                # holder's transaction is one short claim; refills queue at most one waiter
-                # per model per worker process (claimer.Refill), plus beat's and submit's.
-                conn.execute(select(func.pg_advisory_xact_lock(_lock_key(routed_model))))
-            in_flight = conn.execute(
-                select(func.count())
-                .select_from(r)
-                .where(r.c.routed_model == routed_model, r.c.state.in_(_IN_FLIGHT))
-            ).scalar_one()
-            n = min(batch_size, limit - in_flight)
-            if n <= 0:
-                return token, []
-            pick = select(r.c.id).where(
-                r.c.model == model,
-                r.c.state == S.PENDING.value,
-                or_(r.c.not_before.is_(None), r.c.not_before <= now),
-            )
-            if deadline_before is not None:
-                pick = pick.where(r.c.deadline < deadline_before)
-            pick = pick.order_by(r.c.deadline, r.c.id).limit(n).with_for_update(skip_locked=True)
-            rows = conn.execute(
+        r, b = t.requests, t.batches
+        in_flight = (
+            select(func.count())
+            .select_from(r)
+            .where(r.c.routed_model == routed_model, r.c.state.in_(_IN_FLIGHT))
+        )
+        pick = select(r.c.id).where(
+            r.c.model == model,
+            r.c.state == S.PENDING.value,
+            or_(r.c.not_before.is_(None), r.c.not_before <= now),
+        )
+        if deadline_before is not None:
+            pick = pick.where(r.c.deadline < deadline_before)
+        pick = pick.order_by(r.c.deadline, r.c.id).with_for_update(skip_locked=True)
+        mark = {
+            "state": S.CLAIMED.value,
+            "claim_token": token,
+            "claimed_at": now,
+            "routed_model": routed_model,
+            "worker_id": None,
+        }
+
+        def claim_rows(room: Any) -> Any:
+            return (
                 update(r)
-                .where(r.c.id.in_(pick.scalar_subquery()))
-                .values(
-                    state=S.CLAIMED.value,
-                    claim_token=token,
-                    claimed_at=now,
-                    routed_model=routed_model,
-                    worker_id=None,
-                )
+                .where(r.c.id.in_(pick.limit(room).scalar_subquery()))
+                .values(**mark)
                 .returning(r.c.id, r.c.batch_id)
-            ).all()
-            claimed = sorted((Claimed(i, b) for i, b in rows), key=lambda c: c.id)
-            batch_ids = {c.batch_id for c in claimed}
-            if batch_ids:
-                conn.execute(
-                    update(t.batches)
-                    .where(t.batches.c.id.in_(batch_ids), t.batches.c.in_progress_at.is_(None))
-                    .values(in_progress_at=now)
+            )
+
+        def mark_started(ids: Any) -> Any:
+            return (
+                update(b)
+                .where(b.c.id.in_(ids), b.c.in_progress_at.is_(None))
+                .values(in_progress_at=now)
+            )
+
+        if self.is_postgres:
+            room = func.greatest(func.least(batch_size, limit - in_flight.scalar_subquery()), 0)
+            claimed = claim_rows(room).cte("claimed")
+            started = mark_started(select(claimed.c.batch_id)).cte("started")
+            with self._autocommit.begin() as conn:
+                # One simple-protocol round trip; the key is an integer computed here.
+                conn.exec_driver_sql(
+                    f"BEGIN; SELECT pg_advisory_xact_lock({_lock_key(routed_model)})",
+                    execution_options={"no_parameters": True},
                 )
-            return token, claimed
+                rows = conn.execute(select(claimed.c.id, claimed.c.batch_id).add_cte(started))
+                claims = [Claimed(i, batch) for i, batch in rows]
+        else:
+            with self._tx() as conn:  # BEGIN IMMEDIATE: SQLite serializes the writers
+                n = min(batch_size, limit - conn.execute(in_flight).scalar_one())
+                if n <= 0:
+                    return token, []
+                claims = [Claimed(i, batch) for i, batch in conn.execute(claim_rows(n))]
+                if claims:
+                    conn.execute(mark_started({c.batch_id for c in claims}))
+        return token, sorted(claims, key=lambda c: c.id)
 
     @_on_disconnect_retry
     def in_flight(self, routed_model: str) -> int:
@@ -380,7 +417,7 @@ class Store:
             _fence_state(S.CLAIMED, S.RETRYING),
         )
         values = {"state": S.PROCESSING.value, "started_at": now, "worker_id": worker_id}
-        with self._tx() as conn:
+        with self._one() as conn:
             if self.is_postgres:
                 # One statement: the fenced move, joined to what the attempts need.
                 rows: Iterable[Any] = conn.execute(
@@ -428,7 +465,7 @@ class Store:
         groups: dict[RequestState, list[Finish]] = {}
         for f in results:
             groups.setdefault(f.state, []).append(f)
-        with self._tx() as conn:
+        with self._one() if len(groups) == 1 else self._tx() as conn:
             for state, group in groups.items():
                 values: dict[str, Any] = {"state": state.value}
                 if state is S.COMPLETED:

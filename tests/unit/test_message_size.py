@@ -1,5 +1,5 @@
 """Execute messages are sized to the queue's consumers: never more requests than the smallest
-advertised -c, spread over every live consumer, and small when nobody says what it can run."""
+advertised -c, as few messages as that allows, and small when nobody says what it can run."""
 
 from __future__ import annotations
 
@@ -12,16 +12,16 @@ from fusillade_celery.store import Store
 
 def test_split_keeps_every_id_once_in_order_in_near_equal_messages() -> None:
     ids = list(range(1000))
-    parts = split(ids, 64, consumers=2)
+    parts = split(ids, 64)
     assert [i for p in parts for i in p] == ids
     assert len(parts) == 16 and max(map(len, parts)) <= 64
     assert max(map(len, parts)) - min(map(len, parts)) <= 1
 
 
-def test_split_gives_each_consumer_a_share_of_a_small_claim() -> None:
-    assert [len(p) for p in split(list(range(40)), 64, consumers=2)] == [20, 20]
-    assert [len(p) for p in split(list(range(5)), 64, consumers=8)] == [1] * 5
-    assert split([], 64, consumers=2) == []
+def test_split_sends_a_small_claim_as_one_message() -> None:
+    assert [len(p) for p in split(list(range(40)), 64)] == [40]
+    assert [len(p) for p in split(list(range(65)), 64)] == [33, 32]
+    assert split([], 64) == []
 
 
 def test_sizer_caps_messages_at_the_smallest_live_consumer(
