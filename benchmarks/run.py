@@ -441,19 +441,39 @@ def claim_statement_ms(
     update of ``batch_size`` rows) over ``rounds`` claims on each database, the databases
     taking turns round by round (so the machine's drift during the measurement falls on all
     of them alike), with the claimed rows put back to pending (and the table vacuumed) after
-    each so every round sees the same table; plus the EXPLAIN of the pick."""
-    from sqlalchemy import text
+    each so every round sees the same table; plus the EXPLAIN of the statement the store sent
+    (its scans: the pick must use ``ix_requests_pending`` and nothing may scan the table)."""
+    from sqlalchemy import event, text
 
     from fusillade_celery.db import get_engine
     from fusillade_celery.store import Store
 
     stores = [Store(get_engine(url)) for url in db_urls]
+    sent: list[tuple[str, Any]] = []
+
+    def keep_claim(_c: Any, _cur: Any, statement: str, params: Any, *_: Any) -> None:
+        if statement.lstrip().startswith("WITH claimed"):
+            sent[:] = [(statement, params)]
+
     times: list[list[float]] = [[] for _ in stores]
-    for _ in range(rounds):
-        for store, spent in zip(stores, times, strict=True):
+    plans: list[list[str]] = [[] for _ in stores]
+    for round_ in range(rounds):
+        for i, (store, spent) in enumerate(zip(stores, times, strict=True)):
+            event.listen(store.engine, "before_cursor_execute", keep_claim)
             t0 = time.perf_counter()
             _, rows = store.claim("bench", "bench", 10**9, batch_size, time.time())
             spent.append((time.perf_counter() - t0) * 1000)
+            event.remove(store.engine, "before_cursor_execute", keep_claim)
+            if round_ == 0:
+                statement, params = sent[0]
+                raw = store.engine.raw_connection()
+                try:
+                    cur = raw.cursor()
+                    cur.execute("EXPLAIN " + statement, params)  # EXPLAIN alone runs nothing
+                    plans[i] = [r[0].strip() for r in cur.fetchall()]
+                finally:
+                    raw.rollback()
+                    raw.close()
             with store.engine.begin() as conn:  # benchmark setup: put them back
                 conn.execute(
                     text(
@@ -467,25 +487,20 @@ def claim_statement_ms(
             with store.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
                 conn.execute(text("VACUUM ANALYZE requests"))
     out = []
-    for store, spent in zip(stores, times, strict=True):
-        with store.engine.begin() as conn:
-            plan = [
-                r[0]
-                for r in conn.execute(
-                    text(
-                        "EXPLAIN SELECT id FROM requests WHERE model='bench' AND "
-                        "state='pending' AND (not_before IS NULL OR not_before <= 0) "
-                        f"ORDER BY deadline, id LIMIT {batch_size} FOR UPDATE SKIP LOCKED"
-                    )
-                )
-            ]
+    for spent, plan in zip(times, plans, strict=True):
+        scans = [
+            line.removeprefix("->  ").split("  (cost")[0]
+            for line in plan
+            if "Scan" in line and " on requests " in line
+        ]
         spent.sort()
         out.append(
             {
                 "claim_rows": batch_size,
                 "claim_ms_median": round(spent[len(spent) // 2], 2),
-                "uses_index": any("ix_requests_pending" in line for line in plan),
-                "plan_top": plan[:3],
+                "uses_index": any("ix_requests_pending" in line for line in scans)
+                and not any(line.startswith("Seq Scan") for line in scans),
+                "plan_scans": scans,
             }
         )
     return out

@@ -341,13 +341,8 @@ class Store:
             "worker_id": None,
         }
 
-        def claim_rows(room: Any) -> Any:
-            return (
-                update(r)
-                .where(r.c.id.in_(pick.limit(room).scalar_subquery()))
-                .values(**mark)
-                .returning(r.c.id, r.c.batch_id)
-            )
+        def claim_rows(chosen: ColumnElement[bool]) -> Any:
+            return update(r).where(chosen).values(**mark).returning(r.c.id, r.c.batch_id)
 
         def mark_started(ids: Any) -> Any:
             return (
@@ -358,7 +353,14 @@ class Store:
 
         if self.is_postgres:
             room = func.greatest(func.least(batch_size, limit - in_flight.scalar_subquery()), 0)
-            claimed = claim_rows(room).cte("claimed")
+            # ``id = ANY(<the picked ids as one array>)``, not ``id IN (<pick>)``: not knowing
+            # the room in advance, the planner plans the IN for 10 % of the table, and at a
+            # million pending rows it scanned all of them (200 ms a claim rather than 16).
+            picked: Any = select(func.array_agg(column("id"))).select_from(
+                pick.limit(room).subquery()
+            )
+            chosen = r.c.id == any_(cast(picked.scalar_subquery(), ARRAY(BigInteger)))
+            claimed = claim_rows(chosen).cte("claimed")
             started = mark_started(select(claimed.c.batch_id)).cte("started")
             with self._autocommit.begin() as conn:
                 # One simple-protocol round trip; the key is an integer computed here.
@@ -373,7 +375,8 @@ class Store:
                 n = min(batch_size, limit - conn.execute(in_flight).scalar_one())
                 if n <= 0:
                     return token, []
-                claims = [Claimed(i, batch) for i, batch in conn.execute(claim_rows(n))]
+                chosen = r.c.id.in_(pick.limit(n).scalar_subquery())
+                claims = [Claimed(i, batch) for i, batch in conn.execute(claim_rows(chosen))]
                 if claims:
                     conn.execute(mark_started({c.batch_id for c in claims}))
         return token, sorted(claims, key=lambda c: c.id)
