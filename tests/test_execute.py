@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 import pytest
+from sqlalchemy import event, text
 
 from fusillade_celery import claimer, maintenance
 from fusillade_celery.execute import Report, execute
@@ -173,6 +174,38 @@ def test_claim_respects_the_limit_and_the_deadline_order(
     assert claimer.claim_all(client.store, limited, rec.publish) == {"m1": 3}
     tokens = {t for _, t, _ in rec.messages}
     assert len(tokens) == 1  # one fresh token per claim statement
+
+
+def test_the_claim_never_scans_the_requests_table(pg_url: str) -> None:
+    """A claim is an index walk however many rows are pending. When its room (the limit minus
+    what is in flight) was only known inside the statement, the planner guessed 10 % of the
+    table and scanned all of it: 200 ms a claim at a million pending rows instead of 16.
+    20,000 rows are enough for that plan to be chosen."""
+    settings = Settings().replace(database_url=pg_url, broker_url="", upstream_url="http://up")
+    client = Client(settings)
+    client.submit_batch([line(f"r{i}") for i in range(20_000)])
+    with client.store.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(text("ANALYZE requests"))  # what autovacuum would do after the submit
+    sent: list[tuple[str, Any]] = []
+
+    def keep(_c: Any, _cur: Any, statement: str, params: Any, *_: Any) -> None:
+        sent.append((statement, params))
+
+    event.listen(client.store.engine, "before_cursor_execute", keep)
+    _, claimed = client.store.claim("m1", "m1", 1000, 1000, time.time())
+    event.remove(client.store.engine, "before_cursor_execute", keep)
+    assert len(claimed) == 1000
+    statement, params = next((s, p) for s, p in sent if "UPDATE requests" in s)
+    raw = client.store.engine.raw_connection()
+    try:
+        cur = raw.cursor()
+        cur.execute("EXPLAIN " + statement, params)
+        plan = "\n".join(r[0] for r in cur.fetchall())
+    finally:
+        raw.rollback()
+        raw.close()
+    assert "ix_requests_pending" in plan, plan
+    assert "Seq Scan on requests" not in plan, plan
 
 
 def test_escalation_routes_urgent_rows_to_the_escalation_model(
