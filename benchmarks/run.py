@@ -459,11 +459,14 @@ def claim_statement_ms(
     plans: list[list[str]] = [[] for _ in stores]
     for round_ in range(rounds):
         for i, (store, spent) in enumerate(zip(stores, times, strict=True)):
+            sent.clear()
             event.listen(store.engine, "before_cursor_execute", keep_claim)
-            t0 = time.perf_counter()
-            _, rows = store.claim("bench", "bench", 10**9, batch_size, time.time())
-            spent.append((time.perf_counter() - t0) * 1000)
-            event.remove(store.engine, "before_cursor_execute", keep_claim)
+            try:
+                t0 = time.perf_counter()
+                _, rows = store.claim("bench", "bench", 10**9, batch_size, time.time())
+                spent.append((time.perf_counter() - t0) * 1000)
+            finally:
+                event.remove(store.engine, "before_cursor_execute", keep_claim)
             if round_ == 0:
                 statement, params = sent[0]
                 raw = store.engine.raw_connection()
@@ -499,7 +502,7 @@ def claim_statement_ms(
                 "claim_rows": batch_size,
                 "claim_ms_median": round(spent[len(spent) // 2], 2),
                 "uses_index": any("ix_requests_pending" in line for line in scans)
-                and not any(line.startswith("Seq Scan") for line in scans),
+                and not any("Seq Scan" in line for line in scans),
                 "plan_scans": scans,
             }
         )

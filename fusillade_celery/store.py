@@ -363,9 +363,12 @@ class Store:
             claimed = claim_rows(chosen).cte("claimed")
             started = mark_started(select(claimed.c.batch_id)).cte("started")
             with self._autocommit.begin() as conn:
-                # One simple-protocol round trip; the key is an integer computed here.
+                # One simple-protocol round trip; the key is an integer computed here. READ
+                # COMMITTED named, not left to the server's default: the count must see what
+                # committed before the lock was granted, not before the transaction began.
                 conn.exec_driver_sql(
-                    f"BEGIN; SELECT pg_advisory_xact_lock({_lock_key(routed_model)})",
+                    "BEGIN ISOLATION LEVEL READ COMMITTED; "
+                    f"SELECT pg_advisory_xact_lock({_lock_key(routed_model)})",
                     execution_options={"no_parameters": True},
                 )
                 rows = conn.execute(select(claimed.c.id, claimed.c.batch_id).add_cte(started))
