@@ -441,42 +441,22 @@ def claim_statement_ms(
     update of ``batch_size`` rows) over ``rounds`` claims on each database, the databases
     taking turns round by round (so the machine's drift during the measurement falls on all
     of them alike), with the claimed rows put back to pending (and the table vacuumed) after
-    each so every round sees the same table; plus the EXPLAIN of the statement the store sent
-    (its scans: the pick must use ``ix_requests_pending`` and nothing may scan the table)."""
-    from sqlalchemy import event, text
+    each so every round sees the same table; plus the EXPLAIN of the claim statement
+    (``Store.claim_plan``; its scans: the pick must use ``ix_requests_pending`` and nothing may
+    scan the table)."""
+    from sqlalchemy import text
 
     from fusillade_celery.db import get_engine
     from fusillade_celery.store import Store
 
     stores = [Store(get_engine(url)) for url in db_urls]
-    sent: list[tuple[str, Any]] = []
-
-    def keep_claim(_c: Any, _cur: Any, statement: str, params: Any, *_: Any) -> None:
-        if statement.lstrip().startswith("WITH claimed"):
-            sent[:] = [(statement, params)]
-
+    plans = [store.claim_plan("bench", "bench", 10**9, batch_size) for store in stores]
     times: list[list[float]] = [[] for _ in stores]
-    plans: list[list[str]] = [[] for _ in stores]
-    for round_ in range(rounds):
-        for i, (store, spent) in enumerate(zip(stores, times, strict=True)):
-            sent.clear()
-            event.listen(store.engine, "before_cursor_execute", keep_claim)
-            try:
-                t0 = time.perf_counter()
-                _, rows = store.claim("bench", "bench", 10**9, batch_size, time.time())
-                spent.append((time.perf_counter() - t0) * 1000)
-            finally:
-                event.remove(store.engine, "before_cursor_execute", keep_claim)
-            if round_ == 0:
-                statement, params = sent[0]
-                raw = store.engine.raw_connection()
-                try:
-                    cur = raw.cursor()
-                    cur.execute("EXPLAIN " + statement, params)  # EXPLAIN alone runs nothing
-                    plans[i] = [r[0].strip() for r in cur.fetchall()]
-                finally:
-                    raw.rollback()
-                    raw.close()
+    for _ in range(rounds):
+        for store, spent in zip(stores, times, strict=True):
+            t0 = time.perf_counter()
+            _, rows = store.claim("bench", "bench", 10**9, batch_size, time.time())
+            spent.append((time.perf_counter() - t0) * 1000)
             with store.engine.begin() as conn:  # benchmark setup: put them back
                 conn.execute(
                     text(
@@ -492,7 +472,7 @@ def claim_statement_ms(
     out = []
     for spent, plan in zip(times, plans, strict=True):
         scans = [
-            line.removeprefix("->  ").split("  (cost")[0]
+            line.strip().removeprefix("->  ").split("  (cost")[0]
             for line in plan
             if "Scan" in line and " on requests " in line
         ]

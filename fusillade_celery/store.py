@@ -188,6 +188,69 @@ def _lock_key(name: str) -> int:
     return zlib.crc32(b"fusillade-claim:" + name.encode()) - 2**31
 
 
+class _ClaimQuery:
+    """The statements of one claim (``Store.claim``), built in one place for the claim itself
+    and for its EXPLAIN (``Store.claim_plan``)."""
+
+    def __init__(
+        self,
+        model: str,
+        routed_model: str,
+        token: str,
+        now: float,
+        deadline_before: float | None = None,
+    ):
+        r = t.requests
+        self.now = now
+        self.in_flight = (
+            select(func.count())
+            .select_from(r)
+            .where(r.c.routed_model == routed_model, r.c.state.in_(_IN_FLIGHT))
+        )
+        pick = select(r.c.id).where(
+            r.c.model == model,
+            r.c.state == S.PENDING.value,
+            or_(r.c.not_before.is_(None), r.c.not_before <= now),
+        )
+        if deadline_before is not None:
+            pick = pick.where(r.c.deadline < deadline_before)
+        self.pick = pick.order_by(r.c.deadline, r.c.id).with_for_update(skip_locked=True)
+        self.mark = {
+            "state": S.CLAIMED.value,
+            "claim_token": token,
+            "claimed_at": now,
+            "routed_model": routed_model,
+            "worker_id": None,
+        }
+
+    def claim_rows(self, chosen: ColumnElement[bool]) -> Any:
+        r = t.requests
+        return update(r).where(chosen).values(**self.mark).returning(r.c.id, r.c.batch_id)
+
+    def mark_started(self, batch_ids: Any) -> Any:
+        b = t.batches
+        return (
+            update(b)
+            .where(b.c.id.in_(batch_ids), b.c.in_progress_at.is_(None))
+            .values(in_progress_at=self.now)
+        )
+
+    def one_statement(self, limit: int, batch_size: int) -> Any:
+        """Count, pick, claim and mark started in one statement (PostgreSQL)."""
+        r = t.requests
+        room = func.greatest(func.least(batch_size, limit - self.in_flight.scalar_subquery()), 0)
+        # ``id = ANY(<the picked ids as one array>)``, not ``id IN (<pick>)``: not knowing
+        # the room in advance, the planner plans the IN for 10 % of the table, and at a
+        # million pending rows it scanned all of them (200 ms a claim rather than 16).
+        picked: Any = select(func.array_agg(column("id"))).select_from(
+            self.pick.limit(room).subquery()
+        )
+        chosen = r.c.id == any_(cast(picked.scalar_subquery(), ARRAY(BigInteger)))
+        claimed = self.claim_rows(chosen).cte("claimed")
+        started = self.mark_started(select(claimed.c.batch_id)).cte("started")
+        return select(claimed.c.id, claimed.c.batch_id).add_cte(started)
+
+
 class Store:
     """The state of record, behind one interface. Works on PostgreSQL and on SQLite."""
 
@@ -306,9 +369,9 @@ class Store:
         now: float,
         deadline_before: float | None = None,
     ) -> tuple[str, list[Claimed]]:
-        """Claim up to ``min(batch_size, limit - in_flight(routed_model))`` pending rows of
-        ``model``, earliest deadline then line order. Returns the fresh claim token stamped on
-        them (one per claim statement) and the rows. Serialized per routed model by an
+        """Claim up to ``min(batch_size, limit - in-flight rows of routed_model)`` pending rows
+        of ``model``, earliest deadline then line order. Returns the fresh claim token stamped
+        on them (one per claim statement) and the rows. Serialized per routed model by an
         advisory lock on PostgreSQL, so two claimers cannot overshoot the limit.
 
         On PostgreSQL that is three round trips (there were six): ``BEGIN`` with the lock, one
@@ -319,49 +382,8 @@ class Store:
         the slots freed meanwhile idle until the next trigger), so what it is held for, two
         round trips now rather than four, is what other workers' refills queue behind."""
         token = new_token()
-        r, b = t.requests, t.batches
-        in_flight = (
-            select(func.count())
-            .select_from(r)
-            .where(r.c.routed_model == routed_model, r.c.state.in_(_IN_FLIGHT))
-        )
-        pick = select(r.c.id).where(
-            r.c.model == model,
-            r.c.state == S.PENDING.value,
-            or_(r.c.not_before.is_(None), r.c.not_before <= now),
-        )
-        if deadline_before is not None:
-            pick = pick.where(r.c.deadline < deadline_before)
-        pick = pick.order_by(r.c.deadline, r.c.id).with_for_update(skip_locked=True)
-        mark = {
-            "state": S.CLAIMED.value,
-            "claim_token": token,
-            "claimed_at": now,
-            "routed_model": routed_model,
-            "worker_id": None,
-        }
-
-        def claim_rows(chosen: ColumnElement[bool]) -> Any:
-            return update(r).where(chosen).values(**mark).returning(r.c.id, r.c.batch_id)
-
-        def mark_started(ids: Any) -> Any:
-            return (
-                update(b)
-                .where(b.c.id.in_(ids), b.c.in_progress_at.is_(None))
-                .values(in_progress_at=now)
-            )
-
+        q = _ClaimQuery(model, routed_model, token, now, deadline_before)
         if self.is_postgres:
-            room = func.greatest(func.least(batch_size, limit - in_flight.scalar_subquery()), 0)
-            # ``id = ANY(<the picked ids as one array>)``, not ``id IN (<pick>)``: not knowing
-            # the room in advance, the planner plans the IN for 10 % of the table, and at a
-            # million pending rows it scanned all of them (200 ms a claim rather than 16).
-            picked: Any = select(func.array_agg(column("id"))).select_from(
-                pick.limit(room).subquery()
-            )
-            chosen = r.c.id == any_(cast(picked.scalar_subquery(), ARRAY(BigInteger)))
-            claimed = claim_rows(chosen).cte("claimed")
-            started = mark_started(select(claimed.c.batch_id)).cte("started")
             with self._autocommit.begin() as conn:
                 # One simple-protocol round trip; the key is an integer computed here. READ
                 # COMMITTED named, not left to the server's default: the count must see what
@@ -371,30 +393,33 @@ class Store:
                     f"SELECT pg_advisory_xact_lock({_lock_key(routed_model)})",
                     execution_options={"no_parameters": True},
                 )
-                rows = conn.execute(select(claimed.c.id, claimed.c.batch_id).add_cte(started))
+                rows = conn.execute(q.one_statement(limit, batch_size))
                 claims = [Claimed(i, batch) for i, batch in rows]
         else:
             with self._tx() as conn:  # BEGIN IMMEDIATE: SQLite serializes the writers
-                n = min(batch_size, limit - conn.execute(in_flight).scalar_one())
+                n = min(batch_size, limit - conn.execute(q.in_flight).scalar_one())
                 if n <= 0:
                     return token, []
-                chosen = r.c.id.in_(pick.limit(n).scalar_subquery())
-                claims = [Claimed(i, batch) for i, batch in conn.execute(claim_rows(chosen))]
+                chosen = t.requests.c.id.in_(q.pick.limit(n).scalar_subquery())
+                claims = [Claimed(i, batch) for i, batch in conn.execute(q.claim_rows(chosen))]
                 if claims:
-                    conn.execute(mark_started({c.batch_id for c in claims}))
+                    conn.execute(q.mark_started({c.batch_id for c in claims}))
         return token, sorted(claims, key=lambda c: c.id)
 
-    @_on_disconnect_retry
-    def in_flight(self, routed_model: str) -> int:
-        r = t.requests
-        with self._tx() as conn:
-            return int(
-                conn.execute(
-                    select(func.count())
-                    .select_from(r)
-                    .where(r.c.routed_model == routed_model, r.c.state.in_(_IN_FLIGHT))
-                ).scalar_one()
-            )
+    def claim_plan(self, model: str, routed_model: str, limit: int, batch_size: int) -> list[str]:
+        """The EXPLAIN of the statement ``claim`` sends (PostgreSQL; nothing is claimed), for
+        the benchmark and the test that hold it to index scans."""
+        if not self.is_postgres:
+            raise NotImplementedError("claim_plan explains the PostgreSQL claim statement")
+        stmt = _ClaimQuery(model, routed_model, new_token(), time.time()).one_statement(
+            limit, batch_size
+        )
+        compiled = stmt.compile(
+            dialect=self.engine.dialect, compile_kwargs={"render_postcompile": True}
+        )
+        with self._one() as conn:  # EXPLAIN without ANALYZE runs nothing
+            rows = conn.exec_driver_sql("EXPLAIN " + str(compiled), compiled.params)
+            return [row[0] for row in rows]
 
     # ------------------------------------------------------------------ execute
 
