@@ -14,6 +14,8 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
+from sqlalchemy import Engine
+
 from .settings import Settings
 from .store import Claimed, Store
 
@@ -63,7 +65,7 @@ class MessageSizer:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._cache: dict[tuple[str, str], tuple[float, list[int | None]]] = {}
+        self._cache: dict[tuple[Engine, str], tuple[float, list[int | None]]] = {}
         #: Set while this process is the only worker (embedded mode): its -c, no lookup.
         self.only_consumer: int | None = None
 
@@ -71,18 +73,15 @@ class MessageSizer:
         self, store: Store, settings: Settings, queue: str, ids: Sequence[int]
     ) -> list[list[int]]:
         consumers = self.consumers(store, settings, queue)
-        most = settings.requests_per_message
-        if not consumers or any(c is None for c in consumers):
-            most = min(most, UNKNOWN_CONCURRENCY_CAP)
-        else:
-            most = min(most, min(c for c in consumers if c is not None))
-        return split(ids, most)
+        known = [c for c in consumers if c is not None]
+        fits = min(known) if known and len(known) == len(consumers) else UNKNOWN_CONCURRENCY_CAP
+        return split(ids, min(settings.requests_per_message, fits))
 
     def consumers(self, store: Store, settings: Settings, queue: str) -> list[int | None]:
         if self.only_consumer is not None:
             return [self.only_consumer]
         now = time.time()
-        key = (str(store.engine.url), queue)
+        key = (store.engine, queue)  # one engine per database and process (db.get_engine)
         with self._lock:
             hit = self._cache.get(key)
         if hit is not None and hit[0] > now:
@@ -165,8 +164,7 @@ class Refill:
     before it started; a failed claim is logged and left to the next request or beat's tick.
     The latest request's callable is the one run (it carries the freshest context)."""
 
-    def __init__(self, what: str = "refill claim") -> None:
-        self.what = what  # for the log
+    def __init__(self) -> None:
         self._lock = threading.Lock()
         self._wanted: dict[str, Callable[[], object]] = {}  # model -> latest claim to run
         self._running: set[str] = set()
@@ -191,7 +189,7 @@ class Refill:
             try:
                 run()
             except Exception as exc:  # noqa: BLE001 - beat's tick redoes what this missed
-                log.warning("%s for %s failed (%s); left to beat", self.what, model, exc)
+                log.warning("refill claim for %s failed (%s); left to beat", model, exc)
 
     def idle(self) -> bool:
         """No refill running or asked for (tests)."""

@@ -24,7 +24,7 @@ from .workers import worker_id
 log = logging.getLogger(__name__)
 
 #: This process's slot-release refills, one background runner per model (see claimer.Refill).
-REFILL = claimer.Refill("refill claim")
+REFILL = claimer.Refill()
 #: This process's view of each queue's consumers, for sizing execute messages.
 SIZER = claimer.MessageSizer()
 
