@@ -1,4 +1,5 @@
-"""The execute path: one message's requests, from ``processing`` to a written outcome.
+"""The execute path: one message's requests, from ``processing`` to a written outcome, and the
+requests its freed slots are handed to.
 
 Plain functions, called by the Celery task in ``tasks.py`` (which only adds delivery and
 retry publishing), so the logic is tested without a broker.
@@ -9,28 +10,28 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import requests
 
 from . import upstream
-from .cancel_watch import Aborted, CancelWatch
+from .cancel_watch import Aborted, Attempts, CancelWatch, Job
 from .retry import retry_delay
 from .settings import Settings
 from .states import RequestState
-from .store import Finish, Store, WorkItem
+from .store import Finish, HandOff, Store, WorkItem
 
 log = logging.getLogger(__name__)
 
-#: Longest a finished attempt waits for its message-mates before being written back. Each
-#: write-back is a transaction and, when it ends requests, a refill claim and a new message:
-#: at 1 s upstream latency, 0.15 s rather than 0.05 s cut the machine's CPU per request by
-#: about 15 % (benchmark "latency"). A message whose attempts are all done is written at once.
-FLUSH_S = 0.15
+#: Longest a finished attempt waits for others to share its write-back (a chunk also closes
+#: when no result came for ``Attempts.LINGER_S``). Since write-backs hand their slots on, this
+#: wait is time the slot idles: 0.05 s rather than 0.15 s was as fast on an instant upstream
+#: and no slower at 1 s latency (benchmark "instant", "latency").
+FLUSH_S = 0.05
 
-#: schedule_retry(request_ids, countdown_seconds): publish them again after the delay.
-ScheduleRetry = Callable[[list[int], float], None]
+#: schedule_retry(token, request_ids, countdown_seconds): publish them again after the delay.
+ScheduleRetry = Callable[[str, list[int], float], None]
 
 
 @dataclass
@@ -43,13 +44,42 @@ class Report:
     retrying: int = 0
     stale: int = 0
     aborted: int = 0
+    #: Requests started in slots this message's write-backs freed (``HandOffPolicy``).
+    handed_off: int = 0
     retries: dict[float, list[int]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class HandOffPolicy:
+    """When a write-back hands the slots it frees to the next pending requests of the same
+    model, which this message then runs (``Store.finish``): until ``until`` (epoch seconds;
+    the task's hand-off window, so a message does not run for ever and the model's slots are
+    re-spread over the workers once per window), while ``active()`` holds (false once the
+    worker is shutting down), and only while no other attempt of this process waits for a
+    ``-c`` slot (then the slot is theirs). Rows due for SLA escalation are left to the
+    claimer, which routes them."""
+
+    until: float
+    worker_id: str
+    active: Callable[[], bool] = lambda: True
+
+    def target(
+        self, settings: Settings, model: str, now: float, watch: CancelWatch
+    ) -> HandOff | None:
+        if now >= self.until or not self.active() or watch.others_waiting():
+            return None
+        escalation = settings.escalations.get(model)
+        return HandOff(
+            model,
+            self.worker_id,
+            deadline_from=None if escalation is None else now + escalation.threshold_s,
+        )
 
 
 def decide(item: WorkItem, outcome: upstream.Outcome, now: float, settings: Settings) -> Finish:
     """The write-back for one attempt: completed, failed, or retrying with its due time."""
     if outcome.ok:
-        return Finish(item.id, RequestState.COMPLETED, outcome.status, outcome.body)
+        return Finish(item.id, item.token, RequestState.COMPLETED, outcome.status, outcome.body)
     assert outcome.kind is not None
     error = outcome.error()
     if outcome.kind.retriable:
@@ -57,6 +87,7 @@ def decide(item: WorkItem, outcome: upstream.Outcome, now: float, settings: Sett
         if delay is not None:
             return Finish(
                 item.id,
+                item.token,
                 RequestState.RETRYING,
                 outcome.status,
                 outcome.body,
@@ -65,20 +96,14 @@ def decide(item: WorkItem, outcome: upstream.Outcome, now: float, settings: Sett
             )
         error["retries_exhausted"] = True
         error["attempts"] = item.attempt + 1
-    return Finish(item.id, RequestState.FAILED, outcome.status, outcome.body, error)
+    return Finish(item.id, item.token, RequestState.FAILED, outcome.status, outcome.body, error)
 
 
-def _write_back(
-    store: Store,
-    token: str,
-    finishes: list[Finish],
-    report: Report,
-    schedule_retry: ScheduleRetry,
+def _count_and_retry(
+    finishes: list[Finish], now: float, report: Report, schedule_retry: ScheduleRetry
 ) -> None:
-    """One fenced batch write, then the retries of this chunk grouped by delay."""
-    now = time.time()
-    store.finish(finishes, token, now)
-    retries: dict[float, list[int]] = {}
+    """Count a written chunk and schedule its retries, grouped by token and delay."""
+    retries: dict[tuple[str, float], list[int]] = {}
     for f in finishes:
         if f.state is RequestState.COMPLETED:
             report.completed += 1
@@ -87,10 +112,10 @@ def _write_back(
         else:
             assert f.not_before is not None
             report.retrying += 1
-            retries.setdefault(round(max(f.not_before - now, 0.0), 3), []).append(f.id)
-    for delay, retry_ids in retries.items():
+            retries.setdefault((f.token, round(max(f.not_before - now, 0.0), 3)), []).append(f.id)
+    for (token, delay), retry_ids in retries.items():
         report.retries.setdefault(delay, []).extend(retry_ids)
-        schedule_retry(retry_ids, delay)
+        schedule_retry(token, retry_ids, delay)
 
 
 def execute(
@@ -103,40 +128,80 @@ def execute(
     schedule_retry: ScheduleRetry,
     watch: CancelWatch | None = None,
     requests_ended: Callable[[set[str], set[str]], None] | None = None,
+    hand_off: HandOffPolicy | None = None,
 ) -> Report:
     """Start the rows still holding ``token``, attempt them, write back in batched, fenced
     chunks as they finish (at most ``FLUSH_S`` apart), and schedule retries grouped by delay.
     Stale ids (reclaimed, cancelled, done) are skipped; attempts of a batch cancelled meanwhile
     are aborted under gevent (the row is already ``canceled``: nothing to write).
-    ``requests_ended(models, batch_ids)`` is called after each write-back that ended requests,
-    so the models' freed slots are claimed again while the slower requests of this message
-    still run, and a batch whose last request just ended is closed at once; it must return at
-    once (the task's version only wakes a background runner, ``claimer.Refill``)."""
+
+    With ``hand_off``, each write-back gives the slots it frees to the next pending requests
+    of the model in the same statement, and they run here at once, without a claim, a broker
+    hop or a start statement (``Store.finish``). ``requests_ended(models, batch_ids)`` is
+    called after each write-back that freed slots it did not hand on, so they are claimed
+    again while the slower requests of this message still run, and with the batches that may
+    have just ended, so a batch whose last request just ended is closed at once; it must
+    return at once (the task's version only wakes a background runner, ``claimer.Refill``)."""
     report = Report()
     items = store.start(ids, token, worker_id, time.time())
     report.started = len(items)
     report.stale = len(ids) - len(items)
     if watch is None:
         watch = CancelWatch(store, poll_s=settings.cancellation_poll_interval_ms / 1000.0)
-    by_id = {item.id: item for item in items}
-    jobs = [
-        (item.id, item.batch_id, functools.partial(upstream.attempt, session, item, settings))
-        for item in items
-    ]
-    for chunk in watch.run_iter(jobs, FLUSH_S):
-        finishes = []
-        ended: list[WorkItem] = []  # aborted (already canceled) or written terminal
-        for key, outcome, finished_at in chunk:
-            if isinstance(outcome, Aborted):
-                report.aborted += 1  # the row is canceled already: nothing to write
-                ended.append(by_id[key])
-                continue
-            finish = decide(by_id[key], outcome, finished_at, settings)
-            finishes.append(finish)
-            if finish.state is not RequestState.RETRYING:
-                ended.append(by_id[key])
-        if finishes:
-            _write_back(store, token, finishes, report, schedule_retry)
-        if requests_ended is not None and ended:
-            requests_ended({i.model for i in ended}, {i.batch_id for i in ended})
+    by_id: dict[int, WorkItem] = {}
+
+    def jobs(new: Iterable[WorkItem]) -> list[Job[upstream.Outcome]]:
+        out: list[Job[upstream.Outcome]] = []
+        for item in new:
+            by_id[item.id] = item
+            attempt = functools.partial(upstream.attempt, session, item, settings)
+            out.append((item.id, item.batch_id, attempt))
+        return out
+
+    attempts: Attempts[upstream.Outcome] = watch.attempts(FLUSH_S)
+    with attempts:
+        attempts.add(jobs(items))
+        for chunk in attempts:
+            finishes = []
+            ended: list[WorkItem] = []  # aborted (already canceled) or written terminal
+            freeing = 0  # rows this write-back moves out of the model's slots
+            for key, outcome, finished_at in chunk:
+                item = by_id.pop(key)
+                if isinstance(outcome, Aborted):
+                    report.aborted += 1  # the row is canceled already: nothing to write
+                    ended.append(item)
+                    continue
+                finish = decide(item, outcome, finished_at, settings)
+                finishes.append(finish)
+                if finish.state is not RequestState.RETRYING:
+                    ended.append(item)
+                    freeing += 1
+            started: list[WorkItem] = []
+            if finishes:
+                now = time.time()
+                target = None
+                if hand_off is not None and freeing:
+                    # A message's rows, and the rows handed to it, share one routed model.
+                    target = hand_off.target(settings, ended[-1].routed_model, now, watch)
+                started = store.finish(finishes, now, target).started
+                report.handed_off += len(started)
+                _count_and_retry(finishes, now, report, schedule_retry)
+                attempts.add(jobs(started))
+            if requests_ended is not None and ended:
+                _report_ended(requests_ended, ended, started)
     return report
+
+
+def _report_ended(
+    requests_ended: Callable[[set[str], set[str]], None],
+    ended: list[WorkItem],
+    started: list[WorkItem],
+) -> None:
+    """Slots freed and not handed on are refilled; batches of ended rows may be finished
+    (those a hand-off just started rows of are not)."""
+    if len(started) < len(ended):
+        requests_ended({i.model for i in ended}, {i.batch_id for i in ended})
+        return
+    maybe_done = {i.batch_id for i in ended} - {i.batch_id for i in started}
+    if maybe_done:
+        requests_ended({i.model for i in ended if i.batch_id in maybe_done}, maybe_done)

@@ -149,6 +149,9 @@ class Settings:
     requests_per_message: int = _env(
         _int, 64, "most requests in one execute message (and at most the consumers' -c)"
     )
+    handoff_window_ms: int = _env(
+        _int, 30000, "a message hands its freed slots to pending requests this long (0: never)"
+    )
     max_retries: int = _env(_int, 1000, "attempts after the first")
     stop_before_deadline_ms: int = _env(_int, 0, "no retry due later than expiry minus this")
     backoff_ms: int = _env(_int, 1000, "first retry delay")

@@ -32,7 +32,9 @@ NOT_TERMINAL = frozenset(set(S) - TERMINAL)
 
 #: from-state -> the states it may move to, and who moves it.
 TRANSITIONS: Mapping[RequestState, frozenset[RequestState]] = {
-    S.PENDING: frozenset({S.CLAIMED, S.CANCELED, S.FAILED}),  # claimer; cancel; expiry
+    # claimer; a hand-off (claim and start in one, by the worker whose write-back freed the
+    # slot: Store.finish); cancel; expiry
+    S.PENDING: frozenset({S.CLAIMED, S.PROCESSING, S.CANCELED, S.FAILED}),
     S.CLAIMED: frozenset({S.PROCESSING, S.PENDING, S.CANCELED, S.FAILED}),  # execute; reaper
     S.PROCESSING: frozenset({S.COMPLETED, S.FAILED, S.RETRYING, S.PENDING, S.CANCELED}),
     S.RETRYING: frozenset({S.PROCESSING, S.PENDING, S.CANCELED, S.FAILED}),  # countdown; reaper

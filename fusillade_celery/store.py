@@ -30,6 +30,7 @@ from sqlalchemy import (
     and_,
     any_,
     bindparam,
+    case,
     cast,
     column,
     delete,
@@ -40,6 +41,7 @@ from sqlalchemy import (
     or_,
     select,
     text,
+    true,
     update,
 )
 from sqlalchemy.dialects.postgresql import ARRAY
@@ -71,37 +73,50 @@ def _fence_state(*states: RequestState) -> ColumnElement[bool]:
 #: One write-back row, as both write paths read it (see ``_result_row``).
 _RESULT_COLUMNS = (
     column("id", BigInteger),
+    column("token", Text),
+    column("state", Text),
     column("status", Integer),
     column("body", Text),
     column("error", Text),
     column("not_before", Float),
 )
+#: The states a write-back may move a ``processing`` row to.
+_WRITE_BACK_STATES = frozenset({S.COMPLETED, S.FAILED, S.RETRYING})
 
 
 def _result_row(f: Finish) -> dict[str, Any]:
     """What a write-back stores for one attempt, keyed like ``_RESULT_COLUMNS``."""
+    if f.state not in _WRITE_BACK_STATES:
+        raise ValueError(f"finish cannot move a request to {f.state}")
     return {
         "id": f.id,
+        "token": f.token,
+        "state": f.state.value,
         "status": f.status,
         "body": f.body,
         "error": json.dumps(f.error) if f.error else None,
-        "not_before": f.not_before,
+        "not_before": f.not_before if f.state is S.RETRYING else None,
     }
 
 
-def _with_results(values: dict[str, Any], result: Callable[[str], Any]) -> dict[str, Any]:
-    """The SET clause of a write-back: ``values`` (state, its timestamp) plus the attempt's
-    result columns, each read through ``result(name)`` (a bind per row, or a column of the
-    JSON rows); ``not_before`` only for a retry."""
-    out = {
-        **values,
+def _write_back_values(now: float, result: Callable[[str], Any]) -> dict[str, Any]:
+    """The SET clause of a write-back, each attempt's values read through ``result(name)`` (a
+    bind per row, or a column of the JSON rows). One statement serves every target state: the
+    state's own timestamp is set by a CASE, a retry counts an attempt and keeps its due time.
+    Why not a statement per state: a chunk mixes them, and each statement is a round trip."""
+    r = t.requests
+    state = result("state")
+    retrying = state == S.RETRYING.value
+    return {
+        "state": state,
+        "completed_at": case((state == S.COMPLETED.value, now), else_=r.c.completed_at),
+        "failed_at": case((state == S.FAILED.value, now), else_=r.c.failed_at),
+        "attempt": r.c.attempt + case((retrying, 1), else_=0),
+        "not_before": case((retrying, result("not_before")), else_=r.c.not_before),
         "response_status": result("status"),
         "response_body": result("body"),
         "error": result("error"),
     }
-    if values["state"] == S.RETRYING.value:
-        out["not_before"] = result("not_before")
-    return out
 
 
 _ACTIVE_BATCH = and_(
@@ -148,9 +163,11 @@ class Claimed:
 
 @dataclass(frozen=True)
 class WorkItem:
-    """Everything one upstream attempt needs, loaded when the request starts processing."""
+    """Everything one upstream attempt needs, loaded when the request starts processing.
+    ``token`` is the claim token the row holds: its write-back is fenced on it."""
 
     id: int
+    token: str
     custom_id: str
     batch_id: str
     model: str
@@ -169,14 +186,37 @@ class WorkItem:
 
 @dataclass(frozen=True)
 class Finish:
-    """The write-back of one attempt: a terminal state, or ``retrying`` with its due time."""
+    """The write-back of one attempt: a terminal state, or ``retrying`` with its due time.
+    Fenced on (id, token, state=processing)."""
 
     id: int
+    token: str
     state: RequestState
     status: int | None = None
     body: str | None = None
     error: dict[str, Any] | None = None
     not_before: float | None = None
+
+
+@dataclass(frozen=True)
+class HandOff:
+    """Where the slots a write-back frees go (``Store.finish``): to the next pending requests
+    of ``model`` (the routed model of the rows written, whose slots they are), started at
+    once by ``worker_id``. Rows whose deadline is before ``deadline_from`` are left to the
+    claimer (they are due for SLA escalation)."""
+
+    model: str
+    worker_id: str
+    deadline_from: float | None = None
+
+
+@dataclass(frozen=True)
+class Written:
+    """What ``Store.finish`` did: rows written (fewer than given when some were stale), and
+    the requests it started in the freed slots (a hand-off)."""
+
+    changed: int
+    started: list[WorkItem]
 
 
 def new_token() -> str:
@@ -188,44 +228,122 @@ def _lock_key(name: str) -> int:
     return zlib.crc32(b"fusillade-claim:" + name.encode()) - 2**31
 
 
+def _start_columns() -> list[Any]:
+    """What an attempt needs (``WorkItem``), read when its request starts processing."""
+    r, rt, b = t.requests, t.request_templates, t.batches
+    return [
+        r.c.id,
+        r.c.custom_id,
+        r.c.batch_id,
+        r.c.model,
+        r.c.routed_model,
+        r.c.attempt,
+        r.c.deadline,
+        rt.c.url,
+        rt.c.body,
+        b.c.upstream_url,
+        b.c.upstream_api_key,
+        *[b.c[c].label("b_" + c) for c in HEADER_COLUMNS],
+    ]
+
+
+def _work_item(m: Any, token: str) -> WorkItem:
+    return WorkItem(
+        id=m["id"],
+        token=token,
+        custom_id=m["custom_id"],
+        batch_id=m["batch_id"],
+        model=m["model"],
+        routed_model=m["routed_model"] or m["model"],
+        attempt=m["attempt"],
+        deadline=m["deadline"],
+        url=m["url"],
+        body=m["body"],
+        upstream_url=m["upstream_url"],
+        api_key=m["upstream_api_key"],
+        batch_fields={c: m["b_" + c] for c in HEADER_COLUMNS},
+    )
+
+
+def _p(name: str, type_: Any = None) -> Any:
+    """A bind parameter of the hot statements (``p_`` prefix: an UPDATE reserves the names of
+    the columns it sets)."""
+    return bindparam("p_" + name, type_=type_)
+
+
+def _ids_bind(postgres: bool) -> ColumnElement[bool]:
+    """``requests.id IN :p_ids`` for the hot path. On PostgreSQL one array parameter
+    (``= ANY(:p_ids)``): an IN list is rendered bind by bind on every call, which cost more
+    client CPU than a 16-row statement itself; SQLite has no arrays (an expanding IN)."""
+    r = t.requests
+    if postgres:
+        return r.c.id == any_(_p("ids", ARRAY(BigInteger)))
+    return r.c.id.in_(bindparam("p_ids", expanding=True))
+
+
 class _ClaimQuery:
-    """The statements of one claim (``Store.claim``), built in one place for the claim itself
-    and for its EXPLAIN (``Store.claim_plan``)."""
+    """The parts of a claim as templates of bind parameters (``_claim_params`` fills them),
+    shared by the claim (``Store.claim``), its EXPLAIN (``Store.claim_plan``) and a hand-off
+    (``Store.finish``), which claims straight into ``processing`` for the worker that runs the
+    rows (``started_by``). Each statement is built once per shape (the ``functools.cache``
+    functions below): building a statement of CTEs took a worker about 5 ms of CPU, more than
+    the server took to run it."""
 
     def __init__(
-        self,
-        model: str,
-        routed_model: str,
-        token: str,
-        now: float,
-        deadline_before: float | None = None,
+        self, deadline_before: bool = False, deadline_from: bool = False, started_by: bool = False
     ):
         r = t.requests
-        self.now = now
+        self.now = _p("now", Float)
         self.in_flight = (
             select(func.count())
             .select_from(r)
-            .where(r.c.routed_model == routed_model, r.c.state.in_(_IN_FLIGHT))
+            .where(r.c.routed_model == _p("routed", Text), r.c.state.in_(_IN_FLIGHT))
         )
         pick = select(r.c.id).where(
-            r.c.model == model,
+            r.c.model == _p("model", Text),
             r.c.state == S.PENDING.value,
-            or_(r.c.not_before.is_(None), r.c.not_before <= now),
+            or_(r.c.not_before.is_(None), r.c.not_before <= self.now),
         )
-        if deadline_before is not None:
-            pick = pick.where(r.c.deadline < deadline_before)
+        if deadline_before:
+            pick = pick.where(r.c.deadline < _p("deadline_before", Float))
+        if deadline_from:
+            pick = pick.where(r.c.deadline >= _p("deadline_from", Float))
         self.pick = pick.order_by(r.c.deadline, r.c.id).with_for_update(skip_locked=True)
-        self.mark = {
+        self.mark: dict[str, Any] = {
             "state": S.CLAIMED.value,
-            "claim_token": token,
-            "claimed_at": now,
-            "routed_model": routed_model,
+            "claim_token": _p("token", Text),
+            "claimed_at": self.now,
+            "routed_model": _p("routed", Text),
             "worker_id": None,
         }
+        if started_by:
+            self.mark.update(
+                state=S.PROCESSING.value, started_at=self.now, worker_id=_p("worker", Text)
+            )
+
+    def picked(self, room: Any) -> ColumnElement[bool]:
+        """``id = ANY(<up to room picked ids, as one array>)``, not ``id IN (<pick>)``: not
+        knowing the room in advance, the planner plans the IN for 10 % of the table, and at a
+        million pending rows it scanned all of them (200 ms a claim rather than 16)."""
+        ids: Any = select(func.array_agg(column("id"))).select_from(
+            self.pick.limit(room).subquery()
+        )
+        return t.requests.c.id == any_(cast(ids.scalar_subquery(), ARRAY(BigInteger)))
 
     def claim_rows(self, chosen: ColumnElement[bool]) -> Any:
         r = t.requests
         return update(r).where(chosen).values(**self.mark).returning(r.c.id, r.c.batch_id)
+
+    def start_rows(self, chosen: ColumnElement[bool]) -> Any:
+        """Claim straight into ``processing``, returning what the attempts need (PostgreSQL:
+        RETURNING can read the joined tables)."""
+        r, rt, b = t.requests, t.request_templates, t.batches
+        return (
+            update(r)
+            .where(chosen, rt.c.id == r.c.template_id, b.c.id == r.c.batch_id)
+            .values(**self.mark)
+            .returning(*_start_columns())
+        )
 
     def mark_started(self, batch_ids: Any) -> Any:
         b = t.batches
@@ -235,20 +353,143 @@ class _ClaimQuery:
             .values(in_progress_at=self.now)
         )
 
-    def one_statement(self, limit: int, batch_size: int) -> Any:
-        """Count, pick, claim and mark started in one statement (PostgreSQL)."""
-        r = t.requests
-        room = func.greatest(func.least(batch_size, limit - self.in_flight.scalar_subquery()), 0)
-        # ``id = ANY(<the picked ids as one array>)``, not ``id IN (<pick>)``: not knowing
-        # the room in advance, the planner plans the IN for 10 % of the table, and at a
-        # million pending rows it scanned all of them (200 ms a claim rather than 16).
-        picked: Any = select(func.array_agg(column("id"))).select_from(
-            self.pick.limit(room).subquery()
+
+def _claim_params(
+    model: str,
+    routed: str,
+    token: str,
+    now: float,
+    deadline_before: float | None = None,
+    deadline_from: float | None = None,
+    worker: str | None = None,
+) -> dict[str, Any]:
+    params = {"p_model": model, "p_routed": routed, "p_token": token, "p_now": now}
+    for name, value in (
+        ("deadline_before", deadline_before),
+        ("deadline_from", deadline_from),
+        ("worker", worker),
+    ):
+        if value is not None:
+            params["p_" + name] = value
+    return params
+
+
+@functools.cache
+def _claim_statement(deadline_before: bool) -> Any:
+    """Count, pick, claim and mark started in one statement (PostgreSQL)."""
+    q = _ClaimQuery(deadline_before=deadline_before)
+    room = func.greatest(
+        func.least(_p("batch_size", Integer), _p("limit", Integer) - q.in_flight.scalar_subquery()),
+        0,
+    )
+    claimed = q.claim_rows(q.picked(room)).cte("claimed")
+    started = q.mark_started(select(claimed.c.batch_id)).cte("started")
+    return select(claimed.c.id, claimed.c.batch_id).add_cte(started)
+
+
+@functools.cache
+def _sqlite_claim_statements(deadline_before: bool) -> tuple[Any, Any]:
+    """SQLite's claim: the in-flight count, then the claim of ``p_room`` rows."""
+    q = _ClaimQuery(deadline_before=deadline_before)
+    chosen = t.requests.c.id.in_(q.pick.limit(_p("room", Integer)).scalar_subquery())
+    return q.in_flight, q.claim_rows(chosen)
+
+
+@functools.cache
+def _start_statement(postgres: bool) -> Any:
+    """claimed|retrying -> processing, fenced on the token (PostgreSQL: joined to what the
+    attempts need; SQLite's RETURNING cannot name joined tables: the ids, read after)."""
+    r, rt, b = t.requests, t.request_templates, t.batches
+    move = (
+        update(r)
+        .where(_ids_bind(postgres), r.c.claim_token == _p("token", Text))
+        .where(_fence_state(S.CLAIMED, S.RETRYING))
+        .values(state=S.PROCESSING.value, started_at=_p("now", Float), worker_id=_p("worker", Text))
+    )
+    if postgres:
+        return move.where(rt.c.id == r.c.template_id, b.c.id == r.c.batch_id).returning(
+            *_start_columns()
         )
-        chosen = r.c.id == any_(cast(picked.scalar_subquery(), ARRAY(BigInteger)))
-        claimed = self.claim_rows(chosen).cte("claimed")
-        started = self.mark_started(select(claimed.c.batch_id)).cte("started")
-        return select(claimed.c.id, claimed.c.batch_id).add_cte(started)
+    return move.returning(r.c.id)
+
+
+@functools.cache
+def _read_items_statement() -> Any:
+    r, rt, b = t.requests, t.request_templates, t.batches
+    return (
+        select(*_start_columns())
+        .join(rt, rt.c.id == r.c.template_id)
+        .join(b, b.c.id == r.c.batch_id)
+        .where(_ids_bind(False))
+        .order_by(r.c.id)
+    )
+
+
+@functools.cache
+def _write_back_statement(hand_off: bool, deadline_from: bool) -> Any:
+    """PostgreSQL: one ``UPDATE ... FROM json_to_recordset(:p_rows)`` (plus the hand-off, as
+    CTEs of the same statement). Why one statement: executemany sends a statement per row,
+    and at thousands of rows a second that per-row overhead (client and server) cost more
+    than the writes. Why one JSON parameter rather than an array per column: psycopg quotes
+    every element of a text array in Python, which cost 4-5 % of a worker's CPU on the
+    response bodies; ``json.dumps`` escapes them in C."""
+    r = t.requests
+    v = (
+        func.json_to_recordset(cast(_p("rows", Text), JSON))
+        .table_valued(*_RESULT_COLUMNS)
+        .render_derived(name="v", with_types=True)
+    )
+    # The ids also as an array: with only the join to the JSON rows (estimated at 100 rows),
+    # PostgreSQL hashed them and scanned the whole table (1.1 ms a write-back at 10,000 rows).
+    write = (
+        update(r)
+        .where(_ids_bind(True), r.c.id == v.c.id, r.c.claim_token == v.c.token)
+        .where(_fence_state(S.PROCESSING))
+        .values(**_write_back_values(_p("now", Float), lambda k: v.c[k]))
+    )
+    if not hand_off:
+        return write
+    done = write.returning(r.c.state).cte("done")
+    freed = (
+        select(func.count())
+        .select_from(done)
+        .where(done.c.state != S.RETRYING.value)
+        .scalar_subquery()
+    )
+    q = _ClaimQuery(deadline_from=deadline_from, started_by=True)
+    started = q.start_rows(q.picked(freed)).cte("handed")
+    marked = q.mark_started(select(started.c.batch_id)).cte("marked")
+    changed = select(func.count()).select_from(done).scalar_subquery().label("changed")
+    one_row = select(literal(1).label("one")).subquery("one_row")
+    return (
+        select(changed, *started.c).select_from(one_row.outerjoin(started, true())).add_cte(marked)
+    )
+
+
+@functools.cache
+def _sqlite_write_back_statement() -> Any:
+    """SQLite: the write-back of one row, run as an executemany (no arrays, no JSON table
+    functions). Fenced on (id, token, state=processing)."""
+    r = t.requests
+    fence = and_(
+        r.c.id == bindparam("b_id"),
+        r.c.claim_token == bindparam("b_token"),
+        r.c.state == S.PROCESSING.value,
+    )
+    # Bind names get a prefix: "id" and "error" are the table's own column names.
+    values = _write_back_values(_p("now", Float), lambda k: bindparam("b_" + k))
+    return update(r).where(fence).values(**values)
+
+
+@functools.cache
+def _sqlite_hand_off_statement(deadline_from: bool) -> tuple[Any, Any]:
+    """SQLite's hand-off: claim ``p_room`` rows straight into processing (their ids), and
+    mark their batches started."""
+    q = _ClaimQuery(deadline_from=deadline_from, started_by=True)
+    r = t.requests
+    chosen = r.c.id.in_(q.pick.limit(_p("room", Integer)).scalar_subquery())
+    started = select(r.c.batch_id).where(_ids_bind(False))
+    return update(r).where(chosen).values(**q.mark).returning(r.c.id), q.mark_started(started)
 
 
 class Store:
@@ -261,14 +502,6 @@ class Store:
         self._autocommit = (
             engine.execution_options(isolation_level="AUTOCOMMIT") if self.is_postgres else engine
         )
-
-    def _id_in(self, column: Any, ids: Sequence[int]) -> ColumnElement[bool]:
-        """``column IN ids`` for the hot path. On PostgreSQL one array parameter
-        (``= ANY(:ids)``): SQLAlchemy renders an IN list bind by bind on every call, which cost
-        more client CPU than the 16-row statement itself; SQLite has no arrays."""
-        if self.is_postgres:
-            return column == any_(bindparam("ids", list(ids), type_=ARRAY(BigInteger)))
-        return column.in_(list(ids))
 
     @contextmanager
     def _tx(self) -> Iterator[Connection]:
@@ -382,7 +615,8 @@ class Store:
         the slots freed meanwhile idle until the next trigger), so what it is held for, two
         round trips now rather than four, is what other workers' refills queue behind."""
         token = new_token()
-        q = _ClaimQuery(model, routed_model, token, now, deadline_before)
+        params = _claim_params(model, routed_model, token, now, deadline_before)
+        escalating = deadline_before is not None
         if self.is_postgres:
             with self._autocommit.begin() as conn:
                 # One simple-protocol round trip; the key is an integer computed here. READ
@@ -393,17 +627,26 @@ class Store:
                     f"SELECT pg_advisory_xact_lock({_lock_key(routed_model)})",
                     execution_options={"no_parameters": True},
                 )
-                rows = conn.execute(q.one_statement(limit, batch_size))
+                rows = conn.execute(
+                    _claim_statement(escalating),
+                    {**params, "p_limit": limit, "p_batch_size": batch_size},
+                )
                 claims = [Claimed(i, batch) for i, batch in rows]
         else:
+            in_flight, claim_rows = _sqlite_claim_statements(escalating)
             with self._tx() as conn:  # BEGIN IMMEDIATE: SQLite serializes the writers
-                n = min(batch_size, limit - conn.execute(q.in_flight).scalar_one())
+                n = min(batch_size, limit - conn.execute(in_flight, params).scalar_one())
                 if n <= 0:
                     return token, []
-                chosen = t.requests.c.id.in_(q.pick.limit(n).scalar_subquery())
-                claims = [Claimed(i, batch) for i, batch in conn.execute(q.claim_rows(chosen))]
+                claims = [
+                    Claimed(i, batch)
+                    for i, batch in conn.execute(claim_rows, {**params, "p_room": n})
+                ]
                 if claims:
-                    conn.execute(q.mark_started({c.batch_id for c in claims}))
+                    conn.execute(
+                        _ClaimQuery().mark_started(sorted({c.batch_id for c in claims})),
+                        {"p_now": now},
+                    )
         return token, sorted(claims, key=lambda c: c.id)
 
     def claim_plan(self, model: str, routed_model: str, limit: int, batch_size: int) -> list[str]:
@@ -411,14 +654,15 @@ class Store:
         the benchmark and the test that hold it to index scans."""
         if not self.is_postgres:
             raise NotImplementedError("claim_plan explains the PostgreSQL claim statement")
-        stmt = _ClaimQuery(model, routed_model, new_token(), time.time()).one_statement(
-            limit, batch_size
-        )
-        compiled = stmt.compile(
-            dialect=self.engine.dialect, compile_kwargs={"render_postcompile": True}
-        )
+        params = {
+            **_claim_params(model, routed_model, new_token(), time.time()),
+            "p_limit": limit,
+            "p_batch_size": batch_size,
+        }
+        compiled = _claim_statement(False).compile(dialect=self.engine.dialect)
+        expanded = compiled.construct_expanded_state(params)
         with self._one() as conn:  # EXPLAIN without ANALYZE runs nothing
-            rows = conn.exec_driver_sql("EXPLAIN " + str(compiled), compiled.params)
+            rows = conn.exec_driver_sql("EXPLAIN " + expanded.statement, expanded.parameters)
             return [row[0] for row in rows]
 
     # ------------------------------------------------------------------ execute
@@ -427,128 +671,97 @@ class Store:
     def start(self, ids: Sequence[int], token: str, worker_id: str, now: float) -> list[WorkItem]:
         """claimed|retrying -> processing for the rows still holding ``token``; returns what
         the attempts need. Rows not returned were reclaimed, cancelled or already done."""
-        r, rt, b = t.requests, t.request_templates, t.batches
-        columns = [
-            r.c.id,
-            r.c.custom_id,
-            r.c.batch_id,
-            r.c.model,
-            r.c.routed_model,
-            r.c.attempt,
-            r.c.deadline,
-            rt.c.url,
-            rt.c.body,
-            b.c.upstream_url,
-            b.c.upstream_api_key,
-            *[b.c[c].label("b_" + c) for c in HEADER_COLUMNS],
-        ]
-        move = update(r).where(
-            self._id_in(r.c.id, ids),
-            r.c.claim_token == token,
-            _fence_state(S.CLAIMED, S.RETRYING),
-        )
-        values = {"state": S.PROCESSING.value, "started_at": now, "worker_id": worker_id}
+        params = {"p_ids": list(ids), "p_token": token, "p_now": now, "p_worker": worker_id}
         with self._one() as conn:
+            rows = conn.execute(_start_statement(self.is_postgres), params)
             if self.is_postgres:
-                # One statement: the fenced move, joined to what the attempts need.
-                rows: Iterable[Any] = conn.execute(
-                    move.where(rt.c.id == r.c.template_id, b.c.id == r.c.batch_id)
-                    .values(**values)
-                    .returning(*columns)
-                ).mappings()
-                rows = sorted(rows, key=lambda m: m["id"])
-            else:
-                # SQLite's RETURNING cannot name the joined tables: move, then read.
-                started = conn.execute(move.values(**values).returning(r.c.id)).scalars().all()
-                if not started:
-                    return []
-                rows = conn.execute(
-                    select(*columns)
-                    .join(rt, rt.c.id == r.c.template_id)
-                    .join(b, b.c.id == r.c.batch_id)
-                    .where(self._id_in(r.c.id, started))
-                    .order_by(r.c.id)
-                ).mappings()
-            return [
-                WorkItem(
-                    id=m["id"],
-                    custom_id=m["custom_id"],
-                    batch_id=m["batch_id"],
-                    model=m["model"],
-                    routed_model=m["routed_model"] or m["model"],
-                    attempt=m["attempt"],
-                    deadline=m["deadline"],
-                    url=m["url"],
-                    body=m["body"],
-                    upstream_url=m["upstream_url"],
-                    api_key=m["upstream_api_key"],
-                    batch_fields={c: m["b_" + c] for c in HEADER_COLUMNS},
-                )
-                for m in rows
-            ]
+                items = (_work_item(m, token) for m in rows.mappings())
+                return sorted(items, key=lambda i: i.id)
+            return self._read_items(conn, rows.scalars().all(), token)
+
+    @staticmethod
+    def _read_items(conn: Connection, ids: Sequence[int], token: str) -> list[WorkItem]:
+        """The attempts' data of rows just started (SQLite, whose RETURNING cannot name the
+        joined tables: move, then read)."""
+        if not ids:
+            return []
+        rows = conn.execute(_read_items_statement(), {"p_ids": list(ids)}).mappings()
+        return [_work_item(m, token) for m in rows]
 
     @_on_disconnect_retry
-    def finish(self, results: Sequence[Finish], token: str, now: float) -> int:
-        """Write back attempts, fenced on (id, token, state=processing); batched per target
-        state. Returns how many rows changed (less than ``len(results)`` when some were stale)."""
-        r = t.requests
-        changed = 0
-        groups: dict[RequestState, list[Finish]] = {}
-        for f in results:
-            groups.setdefault(f.state, []).append(f)
-        with self._one() if len(groups) == 1 else self._tx() as conn:
-            for state, group in groups.items():
-                values: dict[str, Any] = {"state": state.value}
-                if state is S.COMPLETED:
-                    values["completed_at"] = now
-                elif state is S.FAILED:
-                    values["failed_at"] = now
-                elif state is S.RETRYING:
-                    values["attempt"] = r.c.attempt + 1
-                else:
-                    raise ValueError(f"finish cannot move a request to {state}")
-                write = self._finish_unnest if self.is_postgres else self._finish_rows
-                changed += write(conn, token, values, group)
-        return changed
+    def finish(
+        self, results: Sequence[Finish], now: float, hand_off: HandOff | None = None
+    ) -> Written:
+        """Write back attempts, each fenced on (id, its token, state=processing), in one
+        statement whatever their target states.
 
-    @staticmethod
-    def _finish_rows(
-        conn: Connection, token: str, values: dict[str, Any], group: Sequence[Finish]
-    ) -> int:
-        """The group's write-backs as one executemany, a statement per row (SQLite: no
-        arrays). Fenced on (id, token, state=processing)."""
-        r = t.requests
-        fence = and_(
-            r.c.id == bindparam("b_id"), r.c.claim_token == token, r.c.state == S.PROCESSING.value
-        )
-        # Bind names get a prefix: "id" and "error" are the table's own column names.
-        params = [{"b_" + k: v for k, v in _result_row(f).items()} for f in group]
-        stmt = update(r).where(fence).values(**_with_results(values, lambda k: bindparam("b_" + k)))
-        return max(conn.execute(stmt, params).rowcount, 0)
+        With ``hand_off``, the same statement gives every slot it frees (a row written
+        completed or failed; a retry keeps its slot) to the next pending request of the
+        hand-off's model, claimed straight into ``processing`` for the hand-off's worker under
+        a fresh token, and returns those requests for the worker to send at once. Rows leave
+        and enter the in-flight count in one atomic statement, so the model's limit holds
+        without the claim lock: any concurrent claim counts both or neither. Why: a freed
+        slot otherwise travels write-back, refill claim, broker, start statement and only
+        then reaches the upstream, which at 1,000 in flight kept each slot idle for about
+        130 ms of every 1 s call (benchmark "latency")."""
+        if not results:
+            return Written(0, [])
+        rows = [_result_row(f) for f in results]
+        params: dict[str, Any] = {"p_now": now}
+        if hand_off is not None:
+            token = new_token()
+            params.update(
+                _claim_params(
+                    hand_off.model,
+                    hand_off.model,
+                    token,
+                    now,
+                    deadline_from=hand_off.deadline_from,
+                    worker=hand_off.worker_id,
+                )
+            )
+        if not self.is_postgres:
+            with self._tx() as conn:
+                return self._write_back_rows(conn, rows, params, hand_off)
+        params["p_rows"] = json.dumps(rows)
+        params["p_ids"] = [row["id"] for row in rows]
+        with self._one() as conn:
+            if hand_off is None:
+                res = conn.execute(_write_back_statement(False, False), params)
+                return Written(max(res.rowcount, 0), [])
+            stmt = _write_back_statement(True, hand_off.deadline_from is not None)
+            out = conn.execute(stmt, params).mappings().all()
+        items = (_work_item(m, params["p_token"]) for m in out if m["id"] is not None)
+        return Written(int(out[0]["changed"]), sorted(items, key=lambda i: i.id))
 
-    @staticmethod
-    def _finish_unnest(
-        conn: Connection, token: str, values: dict[str, Any], group: Sequence[Finish]
-    ) -> int:
-        """One ``UPDATE ... FROM json_to_recordset(:rows)`` for a group of write-backs
-        (PostgreSQL). Why one statement: executemany sends a statement per row, and at
-        thousands of rows a second that per-row overhead (client and server) cost more than
-        the writes. Why one JSON parameter rather than an array per column: psycopg quotes
-        every element of a text array in Python, which cost 4-5 % of a worker's CPU on the
-        response bodies; ``json.dumps`` escapes them in C. Same fence as row by row."""
-        r = t.requests
-        payload = json.dumps([_result_row(f) for f in group])
-        v = (
-            func.json_to_recordset(cast(bindparam("rows", payload, type_=Text), JSON))
-            .table_valued(*_RESULT_COLUMNS)
-            .render_derived(name="v", with_types=True)
-        )
-        res = conn.execute(
-            update(r)
-            .where(r.c.id == v.c.id, r.c.claim_token == token, _fence_state(S.PROCESSING))
-            .values(**_with_results(values, lambda k: v.c[k]))
-        )
-        return max(res.rowcount, 0)
+    def _write_back_rows(
+        self,
+        conn: Connection,
+        rows: list[dict[str, Any]],
+        params: dict[str, Any],
+        hand_off: HandOff | None,
+    ) -> Written:
+        """SQLite: an executemany for the rows that end and one for the retries, then the
+        hand-off, all in the caller's transaction (SQLite serializes writers, so nothing
+        claims in between)."""
+        changed = freed = 0
+        for ending in (True, False):
+            group = [row for row in rows if (row["state"] != S.RETRYING.value) is ending]
+            if group:
+                many = [
+                    {"p_now": params["p_now"], **{"b_" + k: v for k, v in row.items()}}
+                    for row in group
+                ]
+                n = max(conn.execute(_sqlite_write_back_statement(), many).rowcount, 0)
+                changed += n
+                freed += n if ending else 0
+        if hand_off is None or freed == 0:
+            return Written(changed, [])
+        claim, mark = _sqlite_hand_off_statement(hand_off.deadline_from is not None)
+        ids = conn.execute(claim, {**params, "p_room": freed}).scalars().all()
+        if ids:
+            conn.execute(mark, {"p_ids": list(ids), "p_now": params["p_now"]})
+        return Written(changed, self._read_items(conn, ids, params["p_token"]))
 
     # ------------------------------------------------------------------ batches
 
@@ -1008,4 +1221,14 @@ class Store:
             conn.execute(text("SELECT 1"))
 
 
-__all__ = ["Claimed", "Finish", "NotFound", "Store", "TERMINAL", "WorkItem", "new_token"]
+__all__ = [
+    "Claimed",
+    "Finish",
+    "HandOff",
+    "NotFound",
+    "Store",
+    "TERMINAL",
+    "WorkItem",
+    "Written",
+    "new_token",
+]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,6 +28,14 @@ log = logging.getLogger(__name__)
 REFILL = claimer.Refill()
 #: This process's view of each queue's consumers, for sizing execute messages.
 SIZER = claimer.MessageSizer()
+#: Set when this worker begins its shutdown: running messages stop handing slots on, so a
+#: warm shutdown (SIGTERM) ends with the requests already running.
+SHUTTING_DOWN = {"flag": False}
+
+
+@signals.worker_shutting_down.connect
+def _stop_hand_offs(**_: Any) -> None:
+    SHUTTING_DOWN["flag"] = True
 
 
 @signals.celeryd_init.connect
@@ -73,13 +82,14 @@ def execute_requests(self: Task, routed_model: str, token: str, ids: list[int]) 
     distinct delay) on the same model queue with the same claim token."""
     settings = get_settings()
     store = get_store()
+    wid = worker_id()
 
-    def schedule_retry(retry_ids: list[int], delay: float) -> None:
+    def schedule_retry(retry_token: str, retry_ids: list[int], delay: float) -> None:
         # A countdown message on the same queue, same token, same task id (Flower shows one
         # task retried). Not ``self.retry``: in Celery 5.7 its re-published message was never
         # delivered in our tests, while the equivalent apply_async with countdown is.
         execute_requests.apply_async(
-            args=(routed_model, token, retry_ids),
+            args=(routed_model, retry_token, retry_ids),
             countdown=delay,
             queue=direct_queue(queue_for_model(routed_model)),
             task_id=self.request.id,
@@ -93,18 +103,26 @@ def execute_requests(self: Task, routed_model: str, token: str, ids: list[int]) 
                 model, functools.partial(_refill, store, settings, model, sorted(batch_ids))
             )
 
+    hand_off = None
+    if settings.handoff_window_ms > 0:
+        hand_off = execute.HandOffPolicy(
+            until=time.time() + settings.handoff_window_ms / 1000.0,
+            worker_id=wid,
+            active=lambda: not SHUTTING_DOWN["flag"],
+        )
     report = execute.execute(
         store,
         settings,
         upstream.get_session(),
         token,
         ids,
-        worker_id(),
+        wid,
         schedule_retry,
         get_watch(
             store, settings.cancellation_poll_interval_ms / 1000.0, upstream.POOL_SIZE["size"]
         ),
         requests_ended,
+        hand_off,
     )
     return {
         "started": report.started,
@@ -113,6 +131,7 @@ def execute_requests(self: Task, routed_model: str, token: str, ids: list[int]) 
         "retrying": report.retrying,
         "stale": report.stale,
         "aborted": report.aborted,
+        "handed_off": report.handed_off,
     }
 
 

@@ -27,13 +27,15 @@ class Recorder:
     def __init__(self) -> None:
         self.messages: list[tuple[str, str, list[int]]] = []
         self.retries: list[tuple[list[int], float]] = []
+        self.retry_tokens: list[str] = []
 
     def publish(self, routed: str, token: str, ids: list[int]) -> None:
         for chunk in claimer.split(ids, 1):  # one request per message
             self.messages.append((routed, token, chunk))
 
-    def schedule_retry(self, ids: list[int], delay: float) -> None:
+    def schedule_retry(self, token: str, ids: list[int], delay: float) -> None:
         self.retries.append((ids, delay))
+        self.retry_tokens.append(token)
 
 
 def run_message(
@@ -109,7 +111,9 @@ def test_stale_and_duplicate_messages_change_nothing(
     from fusillade_celery.store import Finish
 
     assert (
-        client.store.finish([Finish(ids[0], RequestState.FAILED, 500, "late")], token, time.time())
+        client.store.finish(
+            [Finish(ids[0], token, RequestState.FAILED, 500, "late")], time.time()
+        ).changed
         == 0
     )
     assert client.store.request_rows(batch_id)[0]["state"] == "completed"
@@ -349,12 +353,12 @@ def test_write_back_keeps_bodies_and_errors_exactly(client: Client, settings: Se
     tricky = 'quote " backslash \\ newline \n tab \t unicode ü 😀 {"nested": "json"} \\u0041'
     due = time.time() + 30
     results = [
-        Finish(ids[0], RequestState.COMPLETED, 200, tricky),
-        Finish(ids[1], RequestState.COMPLETED, 200, None),
-        Finish(ids[2], RequestState.FAILED, 400, tricky, {"kind": "x", "detail": tricky}),
-        Finish(ids[3], RequestState.RETRYING, 503, "busy", {"kind": "y"}, not_before=due),
+        Finish(ids[0], token, RequestState.COMPLETED, 200, tricky),
+        Finish(ids[1], token, RequestState.COMPLETED, 200, None),
+        Finish(ids[2], token, RequestState.FAILED, 400, tricky, {"kind": "x", "detail": tricky}),
+        Finish(ids[3], token, RequestState.RETRYING, 503, "busy", {"kind": "y"}, not_before=due),
     ]
-    assert client.store.finish(results, token, time.time()) == 4
+    assert client.store.finish(results, time.time()).changed == 4
     rows = {r["id"]: r for r in client.store.request_rows(batch_id)}
     assert rows[ids[0]]["response_body"] == tricky and rows[ids[0]]["state"] == "completed"
     assert rows[ids[1]]["response_body"] is None

@@ -263,11 +263,11 @@ def test_pollers_may_take_cached_counts_but_a_finished_batch_reads_final_ones(
     token, rows = client.store.claim("m1", "m1", 10, 10, time.time())
     ids = [r.id for r in rows]
     client.store.start(ids, token, "w1", time.time())
-    client.store.finish([Finish(ids[0], RequestState.COMPLETED, 200, "{}")], token, time.time())
+    client.store.finish([Finish(ids[0], token, RequestState.COMPLETED, 200, "{}")], time.time())
     # a poller accepting 60 s old counts sees the cached ones; a plain read counts afresh
     assert client.get_batch(batch_id, counts_max_age_s=60)["request_counts"]["completed"] == 0
     assert client.get_batch(batch_id)["request_counts"]["completed"] == 1
-    client.store.finish([Finish(ids[1], RequestState.COMPLETED, 200, "{}")], token, time.time())
+    client.store.finish([Finish(ids[1], token, RequestState.COMPLETED, 200, "{}")], time.time())
     maintenance.finalize(client.store, client.settings)
     # finished: the cache is bypassed once, and the final counts are exact
     batch = client.get_batch(batch_id, counts_max_age_s=60)

@@ -24,15 +24,23 @@ pytestmark = pytest.mark.integration
 
 
 def test_model_limit_holds_across_two_workers(cluster: Cluster) -> None:
-    batch_id = cluster.client.submit_batch(
+    """A limit below one worker's -c (5 < 20) and one above it (30 > 20): each model's
+    concurrent upstream calls reach its limit and never pass it, counted across both worker
+    processes: the claimer's counted claims and every worker's hand-offs of freed slots at
+    once. Above one worker's -c, both workers run the model."""
+    small = cluster.client.submit_batch(
         [line(f"lim-{i}", model="limited", mock_latency_ms=100) for i in range(150)]
     )
-    batch = cluster.wait_done(batch_id, 90)
-    assert batch["request_counts"] == {"total": 150, "completed": 150, "failed": 0}
-    assert cluster.mock_stats()["peak_concurrency"]["limited"] == 5
-    workers = {r["worker_id"].split(":")[0] for r in cluster.client.store.request_rows(batch_id)}
-    hosts = {r["worker_id"] for r in cluster.client.store.request_rows(batch_id)}
-    assert len(hosts) == 2, f"both worker processes should have taken work, saw {workers}"
+    wide = cluster.client.submit_batch(
+        [line(f"wide-{i}", model="wide", mock_latency_ms=100) for i in range(300)]
+    )
+    for batch_id, total in ((small, 150), (wide, 300)):
+        batch = cluster.wait_done(batch_id, 90)
+        assert batch["request_counts"] == {"total": total, "completed": total, "failed": 0}
+    peak = cluster.mock_stats()["peak_concurrency"]
+    assert (peak["limited"], peak["wide"]) == (5, 30)
+    hosts = {r["worker_id"] for r in cluster.client.store.request_rows(wide)}
+    assert len(hosts) == 2, f"both worker processes should have run 'wide', saw {hosts}"
 
 
 def test_retry_semantics(cluster: Cluster) -> None:

@@ -17,6 +17,7 @@ from fusillade_celery.store import WorkItem
 def item(upstream_url: str | None, api_key: str | None = "sk-x", custom_id: str = "c1") -> WorkItem:
     return WorkItem(
         id=7,
+        token="t" * 32,
         custom_id=custom_id,
         batch_id="batch_1",
         model="m1",
