@@ -7,15 +7,16 @@ and for the upstream scenarios also times a bare ``requests.Session`` loop again
 upstream in the same run, reporting the ratio.
 
 Scenarios (issue 4's targets): ``instant`` (20,000 requests, instant upstream, distributed),
-``instant-16`` (the same with messages of at most 16 requests, the earlier default),
-``latency`` (10,000 requests, 1 s upstream latency, model limit 1,000; also the time from
-``submit_batch`` returning to the first upstream call), ``embedded`` (``fusillade-celery run``
-on SQLite), ``scale`` (submit 1,000,000 lines: time and peak RSS; the claim statement at 10,000
-and 1,000,000 pending rows, timed in turns, with its plan; ``iter_results`` lines/s and RSS),
-``memory`` (worker RSS after 10,000 and after 100,000 requests). ``--scenarios a,b`` picks
-some; an unknown name is an error. The distributed scenarios also report CPU per request (the
-whole machine's, and the workers'), steadier across runs than rates on a machine whose speed
-drifts.
+``instant-queue`` (the same without slot hand-off: every request through claim and broker),
+``latency`` (10,000 requests, 1 s upstream latency on the aiohttp mock, model limit 1,000; also
+the time from ``submit_batch`` returning to the first upstream call), ``latency-nginx`` (the
+same on nginx's ``echo_sleep``, when nginx has its echo module), ``embedded``
+(``fusillade-celery run`` on SQLite), ``scale`` (submit 1,000,000 lines: time and peak RSS; the
+claim statement at 10,000 and 1,000,000 pending rows, timed in turns, with its plan;
+``iter_results`` lines/s and RSS), ``memory`` (worker RSS after 10,000 and after 100,000
+requests). ``--scenarios a,b`` picks some; an unknown name is an error. The distributed
+scenarios also report CPU per request (the whole machine's, and the workers'), steadier across
+runs than rates on a machine whose speed drifts.
 """
 
 from __future__ import annotations
@@ -113,19 +114,32 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+#: Debian's nginx module with ``echo_sleep``: a fixed-latency upstream in C.
+ECHO_MODULE = Path("/usr/lib/nginx/modules/ngx_http_echo_module.so")
+
+
 @contextmanager
-def nginx_upstream() -> Iterator[str]:
+def nginx_upstream(latency_s: float = 0.0) -> Iterator[str]:
     """nginx returning a fixed completion (the issue's reference upstream): one C worker,
-    so the upstream takes little of the two cores the pipeline is measured on."""
+    so the upstream takes little of the two cores the pipeline is measured on. With
+    ``latency_s``, each reply waits that long first (``echo_sleep``, needs ``ECHO_MODULE``):
+    the aiohttp mock spends about a fifth of a core at 1,000 replies a second, CPU that a
+    real upstream, on its own machines, does not take from the workers."""
     binary = nginx_binary()
     assert binary is not None, "nginx is not installed"
+    assert not latency_s or ECHO_MODULE.exists(), "nginx's echo module is not installed"
     prefix = Path(tempfile.mkdtemp(prefix="fusillade-nginx-"))
     prefix.chmod(0o755)
     port = _free_port()
     user = "user root root;" if os.geteuid() == 0 else ""
     reply = NGINX_REPLY.replace("'", "\\'")
+    module, answer = "", f"return 200 '{reply}';"
+    if latency_s:
+        module = f"load_module {ECHO_MODULE};"
+        answer = f"echo_read_request_body; echo_sleep {latency_s}; echo '{reply}';"
     (prefix / "nginx.conf").write_text(
         f"""{user}
+{module}
 worker_processes 1;
 daemon off;
 pid {prefix}/nginx.pid;
@@ -140,7 +154,7 @@ http {{
     listen 127.0.0.1:{port} backlog=4096;
     location / {{
       default_type application/json;
-      return 200 '{reply}';
+      {answer}
     }}
   }}
 }}
@@ -180,8 +194,14 @@ def instant_upstream(use_nginx: bool) -> Any:
     return nginx_upstream() if use_nginx else mock_upstream(0)
 
 
-def upstream_label(use_nginx: bool) -> str:
-    return "nginx (fixed reply)" if use_nginx else "mock-upstream (aiohttp)"
+def upstream_label(use_nginx: bool, latency_ms: float = 0) -> str:
+    if not use_nginx:
+        return "mock-upstream (aiohttp)"
+    return (
+        f"nginx (fixed reply after echo_sleep {latency_ms / 1000:g} s)"
+        if latency_ms
+        else ("nginx (fixed reply)")
+    )
 
 
 def cluster_client(env: dict[str, str]) -> Any:
@@ -335,7 +355,7 @@ def run_distributed(
     use_nginx: bool = False,
 ) -> dict[str, Any]:
 
-    upstream_cm = instant_upstream(use_nginx) if latency_ms == 0 else mock_upstream(latency_ms)
+    upstream_cm = nginx_upstream(latency_ms / 1000.0) if use_nginx else mock_upstream(latency_ms)
     with upstream_cm as url, tempfile.TemporaryDirectory() as tmp:
         src = write_input(Path(tmp) / "in.jsonl", n)
         env_extra = {
@@ -377,7 +397,7 @@ def run_distributed(
             "concurrency": concurrency,
             "limit": limit,
             "worker_rss_mb": rss,
-            "upstream": upstream_label(use_nginx),
+            "upstream": upstream_label(use_nginx, latency_ms),
         }
         if not use_nginx:
             first = requests.get(url + "/_mock/stats", timeout=30).json().get("first_call_at")
@@ -571,7 +591,15 @@ def run_memory(first: int, total: int, workers: int, concurrency: int, use_nginx
     return {"marks": marks, "growth": round(last_rss / first_rss - 1, 3)}
 
 
-SCENARIOS = ("instant", "instant-16", "latency", "embedded", "scale", "memory")
+SCENARIOS = (
+    "instant",
+    "instant-queue",
+    "latency",
+    "latency-nginx",
+    "embedded",
+    "scale",
+    "memory",
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -600,11 +628,11 @@ def main(argv: list[str] | None = None) -> int:
         if use_nginx
         else "not used (not installed or --no-nginx): mock-upstream for every scenario",
     }
-    # instant-16: messages of at most 16 requests (the default before messages were sized to
-    # the workers' -c), to show what per-message overhead costs.
+    # instant-queue: no slot hand-off, every request travels claim, broker and start (what the
+    # hand-off saves).
     for name, extra in (
         ("instant", None),
-        ("instant-16", {"FUSILLADE_REQUESTS_PER_MESSAGE": "16"}),
+        ("instant-queue", {"FUSILLADE_HANDOFF_WINDOW_MS": "0"}),
     ):
         if name in wanted:
             result[name] = run_distributed(
@@ -616,15 +644,23 @@ def main(argv: list[str] | None = None) -> int:
                 extra=extra,
                 use_nginx=use_nginx,
             )
-    if "latency" in wanted:
-        result["latency"] = run_distributed(
+    # latency on the aiohttp mock (it also reports the first call after submit) and, when
+    # nginx has its echo module, on nginx (the same 1 s, without the mock's CPU). -c = the
+    # limit on every worker: uneven delivery of the model's messages must not leave one
+    # worker's semaphore full while the other idles.
+    for name, on_nginx in (("latency", False), ("latency-nginx", True)):
+        if name not in wanted:
+            continue
+        if on_nginx and not (use_nginx and ECHO_MODULE.exists()):
+            result[name] = {"not_run": f"needs nginx and {ECHO_MODULE} (--no-nginx, or missing)"}
+            continue
+        result[name] = run_distributed(
             args.latency_requests,
             1000,
             args.latency_limit,
             args.workers,
-            # -c = the limit on every worker: uneven delivery of the model's messages must not
-            # leave one worker's semaphore full while the other idles.
             max(args.concurrency, args.latency_limit),
+            use_nginx=on_nginx,
         )
     if "embedded" in wanted:
         result["embedded"] = run_embedded(args.embedded_requests, use_nginx)

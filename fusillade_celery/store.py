@@ -10,6 +10,8 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import queue
+import threading
 import time
 import uuid
 import zlib
@@ -492,6 +494,58 @@ def _sqlite_hand_off_statement(deadline_from: bool) -> tuple[Any, Any]:
     return update(r).where(chosen).values(**q.mark).returning(r.c.id), q.mark_started(started)
 
 
+class _Raised:
+    """An exception of the read-ahead thread, carried to the consumer."""
+
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+
+_T = TypeVar("_T")
+
+
+def _read_ahead(items: Iterable[_T], depth: int = 2) -> Iterator[_T]:
+    """``items``, produced by a background thread at most ``depth`` ahead of the consumer, so
+    producing the next (parsing and validating input) overlaps with consuming this one
+    (waiting for the database). An exception in the thread is raised here; leaving the loop
+    early stops the thread."""
+    ready: queue.Queue[Any] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    end = object()
+
+    def offer(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not offer(item):
+                    return
+            offer(end)
+        except BaseException as exc:  # noqa: BLE001 - carried to the consumer and raised there
+            offer(_Raised(exc))
+
+    thread = threading.Thread(target=produce, name="fusillade-read-ahead", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = ready.get()
+            if item is end:
+                return
+            if isinstance(item, _Raised):
+                raise item.exc
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
 class Store:
     """The state of record, behind one interface. Works on PostgreSQL and on SQLite."""
 
@@ -526,46 +580,57 @@ class Store:
     def submit(
         self,
         file_row: dict[str, Any],
+        batch_row: dict[str, Any],
         template_chunks: Iterable[list[dict[str, Any]]],
-        make_batch: Any,
+        make_batch: Callable[[], tuple[dict[str, Any], dict[str, Any]]],
     ) -> str:
-        """Insert the file, its templates, the batch and one request per line, in one
+        """Insert the file, the batch, its templates and one request per line, in one
         transaction. ``template_chunks`` validates as it is consumed: an error raised there
         rolls everything back, so a refused file leaves no rows (invariant 7).
-        ``make_batch()`` returns (batch row, file columns to update) once the whole file has
-        been read (count, models, size and hash are known only then)."""
+        ``make_batch()`` returns (batch columns, file columns) to update once the whole file
+        has been read (count, models, size and hash are known only then).
+
+        Each chunk's requests are inserted right after its templates, and on PostgreSQL the
+        next chunk is parsed in a background thread meanwhile (``_read_ahead``): parsing a
+        million lines took 14 s and storing them 35 s, one after the other (50 s a submit)."""
+        rt = t.request_templates
+        requests_of_lines = insert(t.requests).from_select(
+            ["batch_id", "template_id", "custom_id", "model", "state", "deadline"],
+            select(
+                literal(batch_row["id"]),
+                rt.c.id,
+                rt.c.custom_id,
+                rt.c.model,
+                literal(S.PENDING.value),
+                literal(batch_row["expires_at"]),
+            )
+            .where(
+                rt.c.file_id == file_row["id"],
+                rt.c.line_number.between(bindparam("first"), bindparam("last")),
+            )
+            .order_by(rt.c.line_number),
+        )
+        chunks = _read_ahead(template_chunks) if self.is_postgres else iter(template_chunks)
         with self._tx() as conn:
             conn.execute(insert(t.files), [file_row])
-            stmt = insert(t.request_templates)
-            for chunk in template_chunks:
+            conn.execute(insert(t.batches), [batch_row])
+            for chunk in chunks:
                 if not chunk:
                     continue
                 if self.is_postgres:
-                    self._copy_rows(conn, t.request_templates, chunk)
+                    self._copy_rows(conn, rt, chunk)
                 else:
-                    conn.execute(stmt, chunk)
-            batch, file_update = make_batch()
+                    conn.execute(insert(rt), chunk)
+                lines = {"first": chunk[0]["line_number"], "last": chunk[-1]["line_number"]}
+                conn.execute(requests_of_lines, lines)
+            batch_update, file_update = make_batch()
             conn.execute(
                 update(t.files).where(t.files.c.id == file_row["id"]).values(**file_update)
             )
-            conn.execute(insert(t.batches), [batch])
-            rt = t.request_templates
             conn.execute(
-                insert(t.requests).from_select(
-                    ["batch_id", "template_id", "custom_id", "model", "state", "deadline"],
-                    select(
-                        literal(batch["id"]),
-                        rt.c.id,
-                        rt.c.custom_id,
-                        rt.c.model,
-                        literal(S.PENDING.value),
-                        literal(batch["expires_at"]),
-                    )
-                    .where(rt.c.file_id == file_row["id"])
-                    .order_by(rt.c.line_number),
-                )
+                update(t.batches).where(t.batches.c.id == batch_row["id"]).values(**batch_update)
             )
-            return str(batch["id"])
+            return str(batch_row["id"])
 
     @staticmethod
     def _copy_rows(conn: Connection, table: Any, rows: list[dict[str, Any]]) -> None:

@@ -123,25 +123,31 @@ class Client:
                     chunk = []
             yield chunk
 
+        batch_row = {
+            "id": batch_id,
+            "file_id": file_id,
+            "endpoint": endpoint or "",  # the lines' own url, once read (make_batch)
+            "completion_window": completion_window,
+            "expires_at": now + window_s,
+            "metadata": json.dumps(meta) if meta is not None else None,
+            "owner": owner,
+            "upstream_url": upstream.rstrip("/") if upstream else None,
+            "upstream_api_key": api_key,
+            "models": "[]",
+            "total_requests": 0,
+            "created_at": now,
+        }
+
         def make_batch() -> tuple[dict[str, Any], dict[str, Any]]:
-            batch = {
-                "id": batch_id,
-                "file_id": file_id,
+            batch_update = {
                 "endpoint": state["url"],
-                "completion_window": completion_window,
-                "expires_at": now + window_s,
-                "metadata": json.dumps(meta) if meta is not None else None,
-                "owner": owner,
-                "upstream_url": upstream.rstrip("/") if upstream else None,
-                "upstream_api_key": api_key,
                 "models": json.dumps(sorted(models)),
                 "total_requests": state["count"],
-                "created_at": now,
             }
             file_update: dict[str, Any] = {"bytes": hasher.bytes if hasher else 0}
             if hasher is not None:
                 file_update["sha256"] = hasher.sha256.hexdigest()
-            return batch, file_update
+            return batch_update, file_update
 
         file_row = {
             "id": file_id,
@@ -150,7 +156,7 @@ class Client:
             "created_at": now,
             "owner": owner,
         }
-        self.store.submit(file_row, chunks(), make_batch)
+        self.store.submit(file_row, batch_row, chunks(), make_batch)
         log.info(
             "batch %s submitted: %d requests, models %s", batch_id, state["count"], sorted(models)
         )
