@@ -17,7 +17,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Generic, TypeAlias, TypeVar
 
@@ -25,8 +25,8 @@ from .store import Store
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-Job: TypeAlias = tuple[int, str, Callable[[], T]]  # (key, batch_id, attempt)
-Done: TypeAlias = tuple[int, "T | Aborted", float]  # (key, result, finished_at)
+Job: TypeAlias = tuple[Hashable, str, Callable[[], T]]  # (key, batch_id, attempt)
+Done: TypeAlias = tuple[Hashable, "T | Aborted", float]  # (key, result, finished_at)
 
 
 def gevent_active() -> bool:
@@ -47,7 +47,7 @@ class CancelWatch:
         self.poll_s = poll_s
         self.concurrency = concurrency
         self._semaphore: Any = None
-        self._inflight: dict[int, tuple[str, Any]] = {}
+        self._inflight: dict[Any, str] = {}  # running greenlet -> its batch
         self.cancelled: set[str] = set()
         self._lock = threading.Lock()
         self._watcher: Any = None
@@ -72,7 +72,8 @@ class CancelWatch:
 
     def others_waiting(self) -> bool:
         """Whether attempts of this process wait for one of its ``-c`` slots: then a slot that
-        frees is theirs, not a hand-off's."""
+        frees is theirs, not a hand-off's. (The thread pool's queue of unstarted work is a
+        private attribute of ``ThreadPoolExecutor``; it has no public count.)"""
         if self._semaphore is not None and self._semaphore.linkcount() > 0:
             return True
         pool = self._pool
@@ -114,7 +115,7 @@ class CancelWatch:
             gevent.sleep(self.poll_s)
             if not self._inflight:
                 continue
-            batches = {b for b, _ in self._inflight.values()}
+            batches = set(self._inflight.values())
             try:
                 cancelled = self.store.cancelled_among(batches)
             except Exception as exc:
@@ -123,7 +124,7 @@ class CancelWatch:
             if not cancelled:
                 continue
             self.cancelled |= cancelled
-            victims = [g for b, g in list(self._inflight.values()) if b in cancelled]
+            victims = [g for g, b in list(self._inflight.items()) if b in cancelled]
             log.info("aborting %d in-flight requests of cancelled batches", len(victims))
             for g in victims:
                 g.kill(block=False)
@@ -189,15 +190,15 @@ class _GreenletAttempts(Attempts[T]):
         from gevent.queue import Queue
 
         super().__init__(watch, flush_s)
-        self._pending: dict[Any, tuple[int, str]] = {}
-        self._finished: Any = Queue()  # greenlets, put by their link (in the hub)
+        self._pending: dict[Any, tuple[Hashable, str]] = {}
+        self._finished: Any = Queue()  # finished greenlets, put by their link callback
 
     def add(self, jobs: Sequence[Job[T]]) -> None:
         import gevent
 
         for key, batch_id, fn in jobs:
             g = gevent.spawn(self.watch._limited, batch_id, fn)
-            self.watch._inflight[key] = (batch_id, g)
+            self.watch._inflight[g] = batch_id
             self._pending[g] = (key, batch_id)
             g.link(self._finished.put_nowait)
 
@@ -215,7 +216,7 @@ class _GreenletAttempts(Attempts[T]):
         if g not in self._pending:
             return None  # abandoned by close
         key, batch_id = self._pending.pop(g)
-        self.watch._inflight.pop(key, None)
+        self.watch._inflight.pop(g, None)
         if isinstance(g.value, (gevent.GreenletExit, Aborted)):
             return (key, Aborted(batch_id), time.time())
         if not g.successful():
@@ -225,15 +226,15 @@ class _GreenletAttempts(Attempts[T]):
 
     def close(self) -> None:
         pending, self._pending = self._pending, {}
-        for g, (key, _) in pending.items():
-            self.watch._inflight.pop(key, None)
+        for g in pending:
+            self.watch._inflight.pop(g, None)
             g.kill(block=False)
 
 
 class _ThreadAttempts(Attempts[T]):
     def __init__(self, watch: CancelWatch, flush_s: float):
         super().__init__(watch, flush_s)
-        self._pending: dict[Future[T | Aborted], int] = {}
+        self._pending: dict[Future[T | Aborted], Hashable] = {}
         self._finished: queue.SimpleQueue[Future[T | Aborted]] = queue.SimpleQueue()
 
     def add(self, jobs: Sequence[Job[T]]) -> None:

@@ -10,10 +10,11 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import requests
+from sqlalchemy.exc import DBAPIError
 
 from . import upstream
 from .cancel_watch import Aborted, Attempts, CancelWatch, Job
@@ -56,8 +57,10 @@ class HandOffPolicy:
     the task's hand-off window, so a message does not run for ever and the model's slots are
     re-spread over the workers once per window), while ``active()`` holds (false once the
     worker is shutting down), and only while no other attempt of this process waits for a
-    ``-c`` slot (then the slot is theirs). Rows due for SLA escalation are left to the
-    claimer, which routes them."""
+    ``-c`` slot (then the slot is theirs). Never for a model that has an SLA escalation or
+    is one: which rows are urgent, and whose slot they take, is the claimer's decision (a
+    hand-off skipping urgent rows would keep the slots they could have had busy with later
+    ones)."""
 
     until: float
     worker_id: str
@@ -68,12 +71,10 @@ class HandOffPolicy:
     ) -> HandOff | None:
         if now >= self.until or not self.active() or watch.others_waiting():
             return None
-        escalation = settings.escalations.get(model)
-        return HandOff(
-            model,
-            self.worker_id,
-            deadline_from=None if escalation is None else now + escalation.threshold_s,
-        )
+        escalating = settings.escalations
+        if model in escalating or any(e.model == model for e in escalating.values()):
+            return None
+        return HandOff(model, self.worker_id)
 
 
 def decide(item: WorkItem, outcome: upstream.Outcome, now: float, settings: Settings) -> Finish:
@@ -99,6 +100,23 @@ def decide(item: WorkItem, outcome: upstream.Outcome, now: float, settings: Sett
     return Finish(item.id, item.token, RequestState.FAILED, outcome.status, outcome.body, error)
 
 
+def _write(
+    store: Store, finishes: list[Finish], now: float, target: HandOff | None
+) -> list[WorkItem]:
+    """Write a chunk back (``Store.finish``); the requests a hand-off started. A hand-off that
+    fails (a deadlock, a serialization error) is not worth the chunk's results: they are
+    written again without it."""
+    if target is None:
+        store.finish(finishes, now)
+        return []
+    try:
+        return store.finish(finishes, now, target).started
+    except DBAPIError as exc:
+        log.warning("write-back with hand-off failed (%s); writing back without it", exc.orig)
+        store.finish(finishes, now)
+        return []
+
+
 def _count_and_retry(
     finishes: list[Finish], now: float, report: Report, schedule_retry: ScheduleRetry
 ) -> None:
@@ -115,7 +133,14 @@ def _count_and_retry(
             retries.setdefault((f.token, round(max(f.not_before - now, 0.0), 3)), []).append(f.id)
     for (token, delay), retry_ids in retries.items():
         report.retries.setdefault(delay, []).extend(retry_ids)
-        schedule_retry(token, retry_ids, delay)
+        try:
+            schedule_retry(token, retry_ids, delay)
+        except Exception as exc:  # noqa: BLE001 - the broker may be away; the rows are safe
+            # They are ``retrying`` in the database: the reaper takes them back to pending
+            # once overdue by claim_timeout_ms, so nothing is lost, only delayed.
+            log.warning(
+                "could not schedule %d retries (%s); left to the reaper", len(retry_ids), exc
+            )
 
 
 def execute(
@@ -148,14 +173,16 @@ def execute(
     report.stale = len(ids) - len(items)
     if watch is None:
         watch = CancelWatch(store, poll_s=settings.cancellation_poll_interval_ms / 1000.0)
-    by_id: dict[int, WorkItem] = {}
+    # Keyed by (id, token), not id: a row reaped while its attempt still runs here may be
+    # handed back to this very message under a new token; both attempts are then its own.
+    running: dict[Hashable, WorkItem] = {}
 
     def jobs(new: Iterable[WorkItem]) -> list[Job[upstream.Outcome]]:
         out: list[Job[upstream.Outcome]] = []
         for item in new:
-            by_id[item.id] = item
+            running[item.id, item.token] = item
             attempt = functools.partial(upstream.attempt, session, item, settings)
-            out.append((item.id, item.batch_id, attempt))
+            out.append(((item.id, item.token), item.batch_id, attempt))
         return out
 
     attempts: Attempts[upstream.Outcome] = watch.attempts(FLUSH_S)
@@ -166,7 +193,7 @@ def execute(
             ended: list[WorkItem] = []  # aborted (already canceled) or written terminal
             freeing = 0  # rows this write-back moves out of the model's slots
             for key, outcome, finished_at in chunk:
-                item = by_id.pop(key)
+                item = running.pop(key)
                 if isinstance(outcome, Aborted):
                     report.aborted += 1  # the row is canceled already: nothing to write
                     ended.append(item)
@@ -183,10 +210,10 @@ def execute(
                 if hand_off is not None and freeing:
                     # A message's rows, and the rows handed to it, share one routed model.
                     target = hand_off.target(settings, ended[-1].routed_model, now, watch)
-                started = store.finish(finishes, now, target).started
+                started = _write(store, finishes, now, target)
+                attempts.add(jobs(started))  # first: nothing below may strand them
                 report.handed_off += len(started)
                 _count_and_retry(finishes, now, report, schedule_retry)
-                attempts.add(jobs(started))
             if requests_ended is not None and ended:
                 _report_ended(requests_ended, ended, started)
     return report

@@ -204,12 +204,10 @@ class Finish:
 class HandOff:
     """Where the slots a write-back frees go (``Store.finish``): to the next pending requests
     of ``model`` (the routed model of the rows written, whose slots they are), started at
-    once by ``worker_id``. Rows whose deadline is before ``deadline_from`` are left to the
-    claimer (they are due for SLA escalation)."""
+    once by ``worker_id``."""
 
     model: str
     worker_id: str
-    deadline_from: float | None = None
 
 
 @dataclass(frozen=True)
@@ -291,9 +289,7 @@ class _ClaimQuery:
     functions below): building a statement of CTEs took a worker about 5 ms of CPU, more than
     the server took to run it."""
 
-    def __init__(
-        self, deadline_before: bool = False, deadline_from: bool = False, started_by: bool = False
-    ):
+    def __init__(self, deadline_before: bool = False, started_by: bool = False):
         r = t.requests
         self.now = _p("now", Float)
         self.in_flight = (
@@ -308,8 +304,6 @@ class _ClaimQuery:
         )
         if deadline_before:
             pick = pick.where(r.c.deadline < _p("deadline_before", Float))
-        if deadline_from:
-            pick = pick.where(r.c.deadline >= _p("deadline_from", Float))
         self.pick = pick.order_by(r.c.deadline, r.c.id).with_for_update(skip_locked=True)
         self.mark: dict[str, Any] = {
             "state": S.CLAIMED.value,
@@ -348,12 +342,18 @@ class _ClaimQuery:
         )
 
     def mark_started(self, batch_ids: Any) -> Any:
+        """Batches not yet started read ``in_progress`` from now. A batch row locked by someone
+        else is skipped, not waited for: the holder is cancelling or expiring the batch (it
+        ends anyway), or another claim marking it. Waiting deadlocked a hand-off against a
+        cancel: the hand-off holds the batch's pending rows and wants its row, the cancel
+        holds the row and wants the requests."""
         b = t.batches
-        return (
-            update(b)
+        unstarted = (
+            select(b.c.id)
             .where(b.c.id.in_(batch_ids), b.c.in_progress_at.is_(None))
-            .values(in_progress_at=self.now)
+            .with_for_update(skip_locked=True)
         )
+        return update(b).where(b.c.id.in_(unstarted)).values(in_progress_at=self.now)
 
 
 def _claim_params(
@@ -362,15 +362,10 @@ def _claim_params(
     token: str,
     now: float,
     deadline_before: float | None = None,
-    deadline_from: float | None = None,
     worker: str | None = None,
 ) -> dict[str, Any]:
     params = {"p_model": model, "p_routed": routed, "p_token": token, "p_now": now}
-    for name, value in (
-        ("deadline_before", deadline_before),
-        ("deadline_from", deadline_from),
-        ("worker", worker),
-    ):
+    for name, value in (("deadline_before", deadline_before), ("worker", worker)):
         if value is not None:
             params["p_" + name] = value
     return params
@@ -428,7 +423,20 @@ def _read_items_statement() -> Any:
 
 
 @functools.cache
-def _write_back_statement(hand_off: bool, deadline_from: bool) -> Any:
+def _held_statement() -> Any:
+    """The processing rows holding ``p_token``, with what their attempts need."""
+    r, rt, b = t.requests, t.request_templates, t.batches
+    return (
+        select(*_start_columns())
+        .join(rt, rt.c.id == r.c.template_id)
+        .join(b, b.c.id == r.c.batch_id)
+        .where(r.c.claim_token == _p("token", Text), r.c.state == S.PROCESSING.value)
+        .order_by(r.c.id)
+    )
+
+
+@functools.cache
+def _write_back_statement(hand_off: bool) -> Any:
     """PostgreSQL: one ``UPDATE ... FROM json_to_recordset(:p_rows)`` (plus the hand-off, as
     CTEs of the same statement). Why one statement: executemany sends a statement per row,
     and at thousands of rows a second that per-row overhead (client and server) cost more
@@ -458,7 +466,7 @@ def _write_back_statement(hand_off: bool, deadline_from: bool) -> Any:
         .where(done.c.state != S.RETRYING.value)
         .scalar_subquery()
     )
-    q = _ClaimQuery(deadline_from=deadline_from, started_by=True)
+    q = _ClaimQuery(started_by=True)
     started = q.start_rows(q.picked(freed)).cte("handed")
     marked = q.mark_started(select(started.c.batch_id)).cte("marked")
     changed = select(func.count()).select_from(done).scalar_subquery().label("changed")
@@ -484,10 +492,10 @@ def _sqlite_write_back_statement() -> Any:
 
 
 @functools.cache
-def _sqlite_hand_off_statement(deadline_from: bool) -> tuple[Any, Any]:
+def _sqlite_hand_off_statement() -> tuple[Any, Any]:
     """SQLite's hand-off: claim ``p_room`` rows straight into processing (their ids), and
     mark their batches started."""
-    q = _ClaimQuery(deadline_from=deadline_from, started_by=True)
+    q = _ClaimQuery(started_by=True)
     r = t.requests
     chosen = r.c.id.in_(q.pick.limit(_p("room", Integer)).scalar_subquery())
     started = select(r.c.batch_id).where(_ids_bind(False))
@@ -753,7 +761,6 @@ class Store:
         rows = conn.execute(_read_items_statement(), {"p_ids": list(ids)}).mappings()
         return [_work_item(m, token) for m in rows]
 
-    @_on_disconnect_retry
     def finish(
         self, results: Sequence[Finish], now: float, hand_off: HandOff | None = None
     ) -> Written:
@@ -768,43 +775,58 @@ class Store:
         without the claim lock: any concurrent claim counts both or neither. Why: a freed
         slot otherwise travels write-back, refill claim, broker, start statement and only
         then reaches the upstream, which at 1,000 in flight kept each slot idle for about
-        130 ms of every 1 s call (benchmark "latency")."""
+        130 ms of every 1 s call (benchmark "latency").
+
+        The connection may drop after the statement committed; it is then run again, which
+        writes nothing (fenced) and hands off nothing, so the rows the first run started are
+        looked up by their token: they are this worker's to run (nobody else holds it)."""
         if not results:
             return Written(0, [])
         rows = [_result_row(f) for f in results]
         params: dict[str, Any] = {"p_now": now}
         if hand_off is not None:
-            token = new_token()
             params.update(
                 _claim_params(
-                    hand_off.model,
-                    hand_off.model,
-                    token,
-                    now,
-                    deadline_from=hand_off.deadline_from,
-                    worker=hand_off.worker_id,
+                    hand_off.model, hand_off.model, new_token(), now, worker=hand_off.worker_id
                 )
             )
+        runs: list[int] = []
+        written = self._write_back(rows, params, hand_off is not None, runs)
+        if hand_off is None or len(runs) == 1:
+            return written
+        started = {i.id: i for i in [*self._held(params["p_token"]), *written.started]}
+        return Written(written.changed, sorted(started.values(), key=lambda i: i.id))
+
+    @_on_disconnect_retry
+    def _write_back(
+        self, rows: list[dict[str, Any]], params: dict[str, Any], hand_off: bool, runs: list[int]
+    ) -> Written:
+        runs.append(1)  # how many times the transaction ran (``finish``)
         if not self.is_postgres:
             with self._tx() as conn:
                 return self._write_back_rows(conn, rows, params, hand_off)
-        params["p_rows"] = json.dumps(rows)
-        params["p_ids"] = [row["id"] for row in rows]
+        params = {**params, "p_rows": json.dumps(rows), "p_ids": [row["id"] for row in rows]}
         with self._one() as conn:
-            if hand_off is None:
-                res = conn.execute(_write_back_statement(False, False), params)
+            if not hand_off:
+                res = conn.execute(_write_back_statement(False), params)
                 return Written(max(res.rowcount, 0), [])
-            stmt = _write_back_statement(True, hand_off.deadline_from is not None)
-            out = conn.execute(stmt, params).mappings().all()
+            out = conn.execute(_write_back_statement(True), params).mappings().all()
         items = (_work_item(m, params["p_token"]) for m in out if m["id"] is not None)
         return Written(int(out[0]["changed"]), sorted(items, key=lambda i: i.id))
+
+    @_on_disconnect_retry
+    def _held(self, token: str) -> list[WorkItem]:
+        """The rows a hand-off under ``token`` started (``finish``)."""
+        with self._one() as conn:
+            rows = conn.execute(_held_statement(), {"p_token": token}).mappings()
+            return [_work_item(m, token) for m in rows]
 
     def _write_back_rows(
         self,
         conn: Connection,
         rows: list[dict[str, Any]],
         params: dict[str, Any],
-        hand_off: HandOff | None,
+        hand_off: bool,
     ) -> Written:
         """SQLite: an executemany for the rows that end and one for the retries, then the
         hand-off, all in the caller's transaction (SQLite serializes writers, so nothing
@@ -820,9 +842,9 @@ class Store:
                 n = max(conn.execute(_sqlite_write_back_statement(), many).rowcount, 0)
                 changed += n
                 freed += n if ending else 0
-        if hand_off is None or freed == 0:
+        if not hand_off or freed == 0:
             return Written(changed, [])
-        claim, mark = _sqlite_hand_off_statement(hand_off.deadline_from is not None)
+        claim, mark = _sqlite_hand_off_statement()
         ids = conn.execute(claim, {**params, "p_room": freed}).scalars().all()
         if ids:
             conn.execute(mark, {"p_ids": list(ids), "p_now": params["p_now"]})

@@ -28,22 +28,22 @@ log = logging.getLogger(__name__)
 REFILL = claimer.Refill()
 #: This process's view of each queue's consumers, for sizing execute messages.
 SIZER = claimer.MessageSizer()
-#: Set when this worker begins its shutdown: running messages stop handing slots on, so a
-#: warm shutdown (SIGTERM) ends with the requests already running.
-SHUTTING_DOWN = {"flag": False}
+#: Whether messages of this process may hand their freed slots on (execute.HandOffPolicy).
+#: Off once the worker begins its shutdown, so a warm shutdown (SIGTERM) ends with the
+#: requests already running; off in prefork children, which Celery's shutdown signal does
+#: not reach (prefork is not the I/O pool this engine is built for: use -P gevent or threads).
+HAND_OFF = {"allowed": True}
+
+
+@signals.worker_ready.connect
+def _allow_hand_offs(**_: Any) -> None:
+    HAND_OFF["allowed"] = True
 
 
 @signals.worker_shutting_down.connect
+@signals.worker_process_init.connect
 def _stop_hand_offs(**_: Any) -> None:
-    SHUTTING_DOWN["flag"] = True
-
-
-@signals.celeryd_init.connect
-def _size_http_pool(options: dict[str, Any] | None = None, **_: Any) -> None:
-    """One kept-alive upstream connection per concurrent task of this worker (``-c``)."""
-    concurrency = (options or {}).get("concurrency")
-    if concurrency:
-        upstream.POOL_SIZE["size"] = max(int(concurrency), 1)
+    HAND_OFF["allowed"] = False
 
 
 def publish_execute(routed_model: str, token: str, ids: Sequence[int]) -> None:
@@ -108,7 +108,7 @@ def execute_requests(self: Task, routed_model: str, token: str, ids: list[int]) 
         hand_off = execute.HandOffPolicy(
             until=time.time() + settings.handoff_window_ms / 1000.0,
             worker_id=wid,
-            active=lambda: not SHUTTING_DOWN["flag"],
+            active=lambda: HAND_OFF["allowed"],
         )
     report = execute.execute(
         store,

@@ -3,20 +3,27 @@ model, started at once by the same worker, in the same statement. SQLite and Pos
 
 from __future__ import annotations
 
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import DBAPIError
 
 from fusillade_celery import claimer, schema
 from fusillade_celery.cancel_watch import CancelWatch
-from fusillade_celery.execute import HandOffPolicy
+from fusillade_celery.execute import HandOffPolicy, execute
 from fusillade_celery.mock_upstream import MockUpstream
 from fusillade_celery.settings import Escalation, Settings
 from fusillade_celery.states import IN_FLIGHT, RequestState
-from fusillade_celery.store import Finish, HandOff, Store, WorkItem
+from fusillade_celery.store import Finish, HandOff, Store
 from fusillade_celery.submit import Client
+from fusillade_celery.upstream import get_session
 
 from .conftest import line
+from .services import wait_for
 from .test_execute import Recorder, run_message, states
 
 S = RequestState
@@ -84,35 +91,17 @@ def test_a_write_back_hands_each_freed_slot_to_one_pending_request(client: Clien
     assert states(store, first) == {"a0": "completed", "a1": "retrying", "a2": "failed"}
 
 
-def test_a_hand_off_leaves_rows_due_for_escalation_to_the_claimer(
-    client: Client, settings: Settings
-) -> None:
-    """Rows whose batch ends before ``deadline_from`` are the claimer's (it routes them to the
-    escalation model): a hand-off skips them, and with nothing else pending the slot stays
-    free. The policy takes ``deadline_from`` from the model's escalation threshold."""
-    store = client.store
-    urgent = client.submit_batch([line("u1"), line("u2")], completion_window="30m")
-    client.submit_batch([line("r")], completion_window="24h")
-    token, claimed = store.claim("m1", "m1", 1, 10, time.time())
-    (item,) = started_rows(store, [c.id for c in claimed], token)
-    assert item.custom_id == "u1"  # earliest deadline first
-
+def test_no_hand_off_for_models_in_an_sla_escalation(client: Client, settings: Settings) -> None:
+    """Which rows are urgent and whose slots they take is the claimer's decision: a model
+    with an escalation, and the escalation model itself, never hand slots on."""
     escalating = settings.replace(escalations={"m1": Escalation("m1-fast", 3600)})
     policy = HandOffPolicy(until=time.time() + 60, worker_id="w1")
+    watch = CancelWatch(client.store, 1.0)
     now = time.time()
-    target = policy.target(escalating, "m1", now, CancelWatch(store, 1.0))
-    assert target == HandOff("m1", "w1", deadline_from=now + 3600)
-    assert policy.target(settings, "m1", now, CancelWatch(store, 1.0)) == HandOff("m1", "w1")
-
-    def write_back(done: WorkItem) -> list[WorkItem]:
-        finish = Finish(done.id, done.token, S.COMPLETED, 200, "{}")
-        return store.finish([finish], time.time(), target).started
-
-    handed = write_back(item)
-    assert [i.custom_id for i in handed] == ["r"]  # u2 ends within the hour: skipped
-    assert write_back(handed[0]) == []
-    assert states(store, urgent) == {"u1": "completed", "u2": "pending"}
-    assert in_flight(store) == 0
+    assert policy.target(escalating, "m1", now, watch) is None
+    assert policy.target(escalating, "m1-fast", now, watch) is None
+    assert policy.target(escalating, "m2", now, watch) == HandOff("m2", "w1")
+    assert policy.target(settings, "m1", now, watch) == HandOff("m1", "w1")
 
 
 def test_a_message_runs_the_requests_its_freed_slots_start(
@@ -174,3 +163,149 @@ def test_no_hand_off_after_the_window_or_once_stopping(
         )
         assert (report.completed, report.handed_off) == (1, 0)
     assert mock.state.calls == 2
+
+
+def test_a_row_reaped_while_running_and_handed_back_to_its_message_ends_once(
+    client: Client, settings: Settings, mock: MockUpstream
+) -> None:
+    """Given a message whose slow request is reaped while its call still runs (as after a
+    processing timeout), when a faster request of the message ends and hands its slot on,
+    then the reaped row may come back to this very message under a new token: both attempts
+    run, the stale one's result is fenced out, and the row ends completed once."""
+    limited = settings.replace(model_limits={"m1": 2}, timeout_ms=5000)
+    store = client.store
+    batch_id = client.submit_batch(
+        [line("x0", mock_latency_ms=1500), line("x1", mock_latency_ms=300), line("x2")]
+    )
+    rec = Recorder()
+    claimer.claim_all(store, limited, rec.publish)
+    (_, token, first), (_, _, second) = rec.messages
+    reaped: list[int] = []
+
+    def reap_x0() -> None:
+        wait_for(lambda: {"x0", "x1"} <= {e["custom_id"] for e in mock.state.log}, 5, what="calls")
+        with store.engine.begin() as conn:  # x0 as if past processing_timeout
+            r = schema.requests
+            conn.execute(update(r).where(r.c.id == first[0]).values(started_at=0.0))
+        reaped.append(store.reap(time.time(), 60, 600))
+
+    reaper = threading.Thread(target=reap_x0)
+    reaper.start()
+    report = run_message(
+        store,
+        limited,
+        token,
+        first + second,
+        rec,
+        hand_off=HandOffPolicy(until=time.time() + 60, worker_id="w1"),
+    )
+    reaper.join(10)
+    assert reaped == [1]
+    calls = [e["custom_id"] for e in mock.state.log]
+    assert sorted(calls) == ["x0", "x0", "x1", "x2"]  # x0 handed back and sent again
+    assert states(store, batch_id) == {"x0": "completed", "x1": "completed", "x2": "completed"}
+    assert report.completed == 4  # counted per attempt; the stale write changed nothing
+    assert in_flight(store) == 0
+
+
+def test_a_reply_lost_after_commit_still_returns_the_started_rows(pg_url: str) -> None:
+    """Given a write-back with hand-off whose statement committed but whose reply was lost
+    (the connection dropped), when it is run again on a new connection (fenced: it writes
+    and starts nothing), then the rows the first run started are still returned to the
+    worker to send, instead of sitting in processing under a token nobody holds."""
+    client = Client(Settings().replace(database_url=pg_url, upstream_url="http://up"))
+    store = client.store
+    batch_id = client.submit_batch([line("a"), line("b")])
+    token, claimed = store.claim("m1", "m1", 1, 10, time.time())
+    (item,) = store.start([claimed[0].id], token, "w1", time.time())
+    real_one, runs = store._one, []
+
+    @contextmanager
+    def drops_after_the_first_commit() -> Iterator[Any]:
+        with real_one() as conn:
+            runs.append(1)
+            if len(runs) > 1:
+                yield conn
+                return
+
+            class Dropped:
+                def execute(self, *args: Any, **kwargs: Any) -> None:
+                    conn.execute(*args, **kwargs)  # runs and commits (autocommit)
+                    raise DBAPIError(
+                        "stmt", {}, Exception("server closed"), connection_invalidated=True
+                    )
+
+            yield Dropped()
+
+    store._one = drops_after_the_first_commit  # type: ignore[method-assign]
+    written = store.finish(
+        [Finish(item.id, token, S.COMPLETED, 200, "{}")], time.time(), HandOff("m1", "w1")
+    )
+    assert len(runs) >= 2
+    assert [i.custom_id for i in written.started] == ["b"]
+    row = {r["custom_id"]: r for r in store.request_rows(batch_id)}["b"]
+    assert (row["state"], row["claim_token"]) == ("processing", written.started[0].token)
+
+
+def test_a_broker_failure_when_scheduling_a_retry_strands_nothing(
+    client: Client, settings: Settings, mock: MockUpstream
+) -> None:
+    """Given a retry whose countdown message cannot be published (the broker is away), the
+    requests the same write-back started still run, and the retried row waits in
+    ``retrying`` for the reaper (which takes overdue retries back to pending)."""
+    limited = settings.replace(model_limits={"m1": 2})
+    batch_id = client.submit_batch(
+        [line("a", mock_statuses=[503, 200]), line("b"), line("c"), line("d")]
+    )
+    token, claimed = client.store.claim("m1", "m1", 2, 10, time.time())
+
+    def broker_away(token: str, ids: list[int], delay: float) -> None:
+        raise ConnectionError("redis: connection refused")
+
+    report = execute(
+        client.store,
+        limited,
+        get_session(),
+        token,
+        [c.id for c in claimed],
+        "w1",
+        broker_away,
+        hand_off=HandOffPolicy(until=time.time() + 60, worker_id="w1"),
+    )
+    assert report.retrying == 1
+    got = states(client.store, batch_id)
+    assert got == {"a": "retrying", "b": "completed", "c": "completed", "d": "completed"}
+    assert mock.state.calls == 4
+
+
+def test_a_cancel_holding_the_batch_row_does_not_block_a_hand_off(pg_url: str) -> None:
+    """Given a cancel that has locked a batch row and not yet its requests, when a write-back
+    hands a slot to that batch's first request, then it neither waits for the cancel nor
+    deadlocks with it (it used to: requests then batch, against batch then requests); the
+    cancel then finishes and the batch's requests end canceled."""
+    client = Client(Settings().replace(database_url=pg_url, upstream_url="http://up"))
+    store = client.store
+    client.submit_batch([line("x0")], completion_window="1h")
+    later = client.submit_batch([line("y0"), line("y1")], completion_window="24h")
+    token, claimed = store.claim("m1", "m1", 1, 10, time.time())
+    (item,) = store.start([claimed[0].id], token, "w1", time.time())
+    with store.engine.connect() as cancel:
+        b = schema.batches
+        cancel.execute(update(b).where(b.c.id == later).values(cancelling_at=time.time()))
+        out: list[Any] = []
+        writer = threading.Thread(
+            target=lambda: out.append(
+                store.finish(
+                    [Finish(item.id, token, S.COMPLETED, 200, "{}")],
+                    time.time(),
+                    HandOff("m1", "w1"),
+                )
+            )
+        )
+        writer.start()
+        writer.join(10)
+        assert not writer.is_alive(), "the hand-off waited for the cancel's lock"
+        assert [i.custom_id for i in out[0].started] == ["y0"]
+        cancel.commit()
+    store.cancel_batch(later, time.time())
+    assert set(states(store, later).values()) == {"canceled"}
