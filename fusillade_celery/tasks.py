@@ -46,6 +46,14 @@ def _stop_hand_offs(**_: Any) -> None:
     HAND_OFF["allowed"] = False
 
 
+@signals.celeryd_init.connect
+def _size_http_pool(options: dict[str, Any] | None = None, **_: Any) -> None:
+    """One kept-alive upstream connection per concurrent task of this worker (``-c``)."""
+    concurrency = (options or {}).get("concurrency")
+    if concurrency:
+        upstream.POOL_SIZE["size"] = max(int(concurrency), 1)
+
+
 def publish_execute(routed_model: str, token: str, ids: Sequence[int]) -> None:
     """Split a claim into messages (``claimer.MessageSizer``: sized to the queue's consumers)
     and publish them over one producer (one broker connection) to ``model.<routed_model>``."""

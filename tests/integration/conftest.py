@@ -29,7 +29,7 @@ from fusillade_celery.submit import Client
 from .. import services
 
 API_KEY = "sk-integration-SECRET-4242"
-MODELS = ("limited", "wide", "m1", "m2")
+MODELS = ("limited", "wide", "wider", "m1", "m2")
 REDIS_DB = 11
 
 
@@ -206,6 +206,9 @@ def cluster(
         tmp_path_factory.mktemp("cluster"),
         REDIS_DB,
         MODELS,
-        {"FUSILLADE_MODEL_LIMITS": "limited=5,wide=30", "FUSILLADE_DEFAULT_MODEL_LIMIT": "10"},
+        {
+            "FUSILLADE_MODEL_LIMITS": "limited=5,wide=30,wider=50",
+            "FUSILLADE_DEFAULT_MODEL_LIMIT": "10",
+        },
     ) as (c, _):
         yield c

@@ -23,24 +23,48 @@ from .conftest import API_KEY, Cluster
 pytestmark = pytest.mark.integration
 
 
+def per_worker_peaks(cluster: Cluster, batch_id: str) -> dict[str, int]:
+    """Most upstream calls of the batch in flight at once, per worker process (each call's
+    worker read from the row it was for)."""
+    rows = {r["id"]: r["worker_id"] for r in cluster.client.store.request_rows(batch_id)}
+    events: dict[str, list[tuple[float, int]]] = {}
+    for call in cluster.mock_stats()["log"]:
+        worker = rows.get(int(call["headers"]["x-fusillade-request-id"]))
+        if worker is not None:
+            events.setdefault(worker, []).extend([(call["start"], 1), (call["end"], -1)])
+    peaks = {}
+    for worker, changes in events.items():
+        running = peaks[worker] = 0
+        for _, change in sorted(changes):
+            running += change
+            peaks[worker] = max(peaks[worker], running)
+    return peaks
+
+
 def test_model_limit_holds_across_two_workers(cluster: Cluster) -> None:
-    """A limit below one worker's -c (5 < 20) and one above it (30 > 20): each model's
-    concurrent upstream calls reach its limit and never pass it, counted across both worker
-    processes: the claimer's counted claims and every worker's hand-offs of freed slots at
-    once. Above one worker's -c, both workers run the model."""
-    small = cluster.client.submit_batch(
-        [line(f"lim-{i}", model="limited", mock_latency_ms=100) for i in range(150)]
-    )
-    wide = cluster.client.submit_batch(
-        [line(f"wide-{i}", model="wide", mock_latency_ms=100) for i in range(300)]
-    )
-    for batch_id, total in ((small, 150), (wide, 300)):
+    """Model limits of 5 and 30 against two workers of -c 20: each model's concurrent
+    upstream calls reach its limit and never pass it, counted across both processes (the
+    claimer's counted claims and every worker's hand-offs of freed slots at once), and 30,
+    more than one worker runs, is run by both. A limit of 50 is more than both together
+    run: there each worker's own -c is the bound (invariant 4, per worker)."""
+    sizes = {"limited": 150, "wide": 300, "wider": 400}
+    batches = {
+        model: cluster.client.submit_batch(
+            [line(f"{model}-{i}", model=model, mock_latency_ms=100) for i in range(n)]
+        )
+        for model, n in sizes.items()
+    }
+    for model, batch_id in batches.items():
         batch = cluster.wait_done(batch_id, 90)
+        total = sizes[model]
         assert batch["request_counts"] == {"total": total, "completed": total, "failed": 0}
     peak = cluster.mock_stats()["peak_concurrency"]
     assert (peak["limited"], peak["wide"]) == (5, 30)
-    hosts = {r["worker_id"] for r in cluster.client.store.request_rows(wide)}
-    assert len(hosts) == 2, f"both worker processes should have run 'wide', saw {hosts}"
+    assert peak["wider"] <= 40
+    wide = per_worker_peaks(cluster, batches["wide"])
+    assert len(wide) == 2, f"both workers should have run 'wide': {wide}"
+    wider = per_worker_peaks(cluster, batches["wider"])
+    assert len(wider) == 2 and max(wider.values()) <= 20, wider
 
 
 def test_retry_semantics(cluster: Cluster) -> None:
