@@ -197,11 +197,9 @@ def instant_upstream(use_nginx: bool) -> Any:
 def upstream_label(use_nginx: bool, latency_ms: float = 0) -> str:
     if not use_nginx:
         return "mock-upstream (aiohttp)"
-    return (
-        f"nginx (fixed reply after echo_sleep {latency_ms / 1000:g} s)"
-        if latency_ms
-        else ("nginx (fixed reply)")
-    )
+    if latency_ms:
+        return f"nginx (fixed reply after echo_sleep {latency_ms / 1000:g} s)"
+    return "nginx (fixed reply)"
 
 
 def cluster_client(env: dict[str, str]) -> Any:

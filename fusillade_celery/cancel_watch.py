@@ -148,13 +148,14 @@ class Attempts(Generic[T]):
     def __init__(self, watch: CancelWatch, flush_s: float):
         self.watch = watch
         self.flush_s = flush_s
+        #: Jobs added and not yet yielded: their greenlet or future -> what it is for.
+        self._pending: dict[Any, Any] = {}
 
     def add(self, jobs: Sequence[Job[T]]) -> None:
         raise NotImplementedError
 
     def _left(self) -> int:
-        """Jobs added and not yet yielded."""
-        raise NotImplementedError
+        return len(self._pending)
 
     def _next(self, timeout: float | None) -> Done[T] | None:
         """The next finished job, waiting at most ``timeout`` (None: until one finishes)."""
@@ -190,7 +191,6 @@ class _GreenletAttempts(Attempts[T]):
         from gevent.queue import Queue
 
         super().__init__(watch, flush_s)
-        self._pending: dict[Any, tuple[Hashable, str]] = {}
         self._finished: Any = Queue()  # finished greenlets, put by their link callback
 
     def add(self, jobs: Sequence[Job[T]]) -> None:
@@ -201,9 +201,6 @@ class _GreenletAttempts(Attempts[T]):
             self.watch._inflight[g] = batch_id
             self._pending[g] = (key, batch_id)
             g.link(self._finished.put_nowait)
-
-    def _left(self) -> int:
-        return len(self._pending)
 
     def _next(self, timeout: float | None) -> Done[T] | None:
         import gevent
@@ -234,7 +231,6 @@ class _GreenletAttempts(Attempts[T]):
 class _ThreadAttempts(Attempts[T]):
     def __init__(self, watch: CancelWatch, flush_s: float):
         super().__init__(watch, flush_s)
-        self._pending: dict[Future[T | Aborted], Hashable] = {}
         self._finished: queue.SimpleQueue[Future[T | Aborted]] = queue.SimpleQueue()
 
     def add(self, jobs: Sequence[Job[T]]) -> None:
@@ -243,9 +239,6 @@ class _ThreadAttempts(Attempts[T]):
             future = executor.submit(self.watch._unless_cancelled, batch_id, fn)
             self._pending[future] = key
             future.add_done_callback(self._finished.put)
-
-    def _left(self) -> int:
-        return len(self._pending)
 
     def _next(self, timeout: float | None) -> Done[T] | None:
         try:

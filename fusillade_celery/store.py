@@ -410,29 +410,28 @@ def _start_statement(postgres: bool) -> Any:
     return move.returning(r.c.id)
 
 
-@functools.cache
-def _read_items_statement() -> Any:
+def _items(where: ColumnElement[bool]) -> Any:
+    """Rows matching ``where`` with what their attempts need (``_work_item``), in id order."""
     r, rt, b = t.requests, t.request_templates, t.batches
     return (
         select(*_start_columns())
         .join(rt, rt.c.id == r.c.template_id)
         .join(b, b.c.id == r.c.batch_id)
-        .where(_ids_bind(False))
+        .where(where)
         .order_by(r.c.id)
     )
+
+
+@functools.cache
+def _read_items_statement() -> Any:
+    return _items(_ids_bind(False))
 
 
 @functools.cache
 def _held_statement() -> Any:
     """The processing rows holding ``p_token``, with what their attempts need."""
-    r, rt, b = t.requests, t.request_templates, t.batches
-    return (
-        select(*_start_columns())
-        .join(rt, rt.c.id == r.c.template_id)
-        .join(b, b.c.id == r.c.batch_id)
-        .where(r.c.claim_token == _p("token", Text), r.c.state == S.PROCESSING.value)
-        .order_by(r.c.id)
-    )
+    r = t.requests
+    return _items(and_(r.c.claim_token == _p("token", Text), r.c.state == S.PROCESSING.value))
 
 
 @functools.cache
@@ -492,14 +491,19 @@ def _sqlite_write_back_statement() -> Any:
 
 
 @functools.cache
-def _sqlite_hand_off_statement() -> tuple[Any, Any]:
-    """SQLite's hand-off: claim ``p_room`` rows straight into processing (their ids), and
-    mark their batches started."""
+def _sqlite_hand_off_statement() -> Any:
+    """SQLite's hand-off: claim ``p_room`` rows straight into processing (their ids)."""
     q = _ClaimQuery(started_by=True)
     r = t.requests
     chosen = r.c.id.in_(q.pick.limit(_p("room", Integer)).scalar_subquery())
-    started = select(r.c.batch_id).where(_ids_bind(False))
-    return update(r).where(chosen).values(**q.mark).returning(r.c.id), q.mark_started(started)
+    return update(r).where(chosen).values(**q.mark).returning(r.c.id)
+
+
+@functools.cache
+def _sqlite_mark_started_statement() -> Any:
+    """SQLite: the batches of the rows ``p_ids`` (just claimed) read ``in_progress``."""
+    r = t.requests
+    return _ClaimQuery().mark_started(select(r.c.batch_id).where(_ids_bind(False)))
 
 
 class _Raised:
@@ -716,10 +720,8 @@ class Store:
                     for i, batch in conn.execute(claim_rows, {**params, "p_room": n})
                 ]
                 if claims:
-                    conn.execute(
-                        _ClaimQuery().mark_started(sorted({c.batch_id for c in claims})),
-                        {"p_now": now},
-                    )
+                    marked = {"p_ids": [c.id for c in claims], "p_now": now}
+                    conn.execute(_sqlite_mark_started_statement(), marked)
         return token, sorted(claims, key=lambda c: c.id)
 
     def claim_plan(self, model: str, routed_model: str, limit: int, batch_size: int) -> list[str]:
@@ -844,10 +846,11 @@ class Store:
                 freed += n if ending else 0
         if not hand_off or freed == 0:
             return Written(changed, [])
-        claim, mark = _sqlite_hand_off_statement()
-        ids = conn.execute(claim, {**params, "p_room": freed}).scalars().all()
+        claimed = conn.execute(_sqlite_hand_off_statement(), {**params, "p_room": freed})
+        ids = claimed.scalars().all()
         if ids:
-            conn.execute(mark, {"p_ids": list(ids), "p_now": params["p_now"]})
+            marked = {"p_ids": list(ids), "p_now": params["p_now"]}
+            conn.execute(_sqlite_mark_started_statement(), marked)
         return Written(changed, self._read_items(conn, ids, params["p_token"]))
 
     # ------------------------------------------------------------------ batches
