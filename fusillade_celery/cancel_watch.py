@@ -6,9 +6,10 @@ One watcher greenlet per process asks the database, once per poll interval, whic
 batches in flight were cancelled, and kills those greenlets: urllib3 closes a connection whose
 request did not finish cleanly, so the upstream sees the socket close at once. Other pools
 (threads: the embedded mode, ``-P threads``) run a message's attempts on a per-process thread
-pool of the worker's ``-c``; a thread cannot be interrupted, so there an attempt of a cancelled
-batch that has not started is skipped, and a running one's result is discarded by the fenced
-write-back.
+pool of the worker's ``-c``, watched by one daemon thread per process that runs the same poll;
+a thread cannot be interrupted, so there an attempt of a cancelled batch that has not started
+is skipped (it never reaches the upstream), and a running one's result is discarded by the
+fenced write-back.
 """
 
 from __future__ import annotations
@@ -47,10 +48,11 @@ class CancelWatch:
         self.poll_s = poll_s
         self.concurrency = concurrency
         self._semaphore: Any = None
-        self._inflight: dict[Any, str] = {}  # running greenlet -> its batch
+        self._inflight: dict[Any, str] = {}  # unfinished greenlet or future -> its batch
+        #: Batches of attempts in flight found cancelled by the last poll.
         self.cancelled: set[str] = set()
         self._lock = threading.Lock()
-        self._watcher: Any = None
+        self._watcher: Any = None  # the watcher greenlet or thread
         self._pool: ThreadPoolExecutor | None = None
 
     def attempts(self, flush_s: float) -> Attempts[T]:
@@ -66,7 +68,6 @@ class CancelWatch:
         they run on a process-wide thread pool of ``-c`` threads, with the same bound: run one
         after the other, a message of 16 would have made 16 requests cost 16 latencies."""
         if gevent_active():
-            self._ensure_watcher()
             return _GreenletAttempts(self, flush_s)
         return _ThreadAttempts(self, flush_s)
 
@@ -102,29 +103,47 @@ class CancelWatch:
         return self._semaphore
 
     def _ensure_watcher(self) -> None:
-        import gevent
-
+        """Start the poll unless it runs (call after registering in ``_inflight``: the poll
+        ends, under the same lock, once it finds nothing in flight)."""
         with self._lock:
-            if self._watcher is None or self._watcher.dead:
-                self._watcher = gevent.spawn(self._watch)
+            if self._watcher is not None:
+                return
+            if gevent_active():
+                import gevent
 
-    def _watch(self) -> None:
-        import gevent
+                self._watcher = gevent.spawn(self._watch, gevent.sleep, True)
+            else:
+                self._watcher = threading.Thread(
+                    target=self._watch,
+                    args=(time.sleep, False),
+                    name="fusillade-cancel-watch",
+                    daemon=True,
+                )
+                self._watcher.start()
 
+    def _watch(self, sleep: Callable[[float], None], kill: bool) -> None:
+        """Once per poll interval, while attempts are in flight: which of their batches were
+        cancelled. Attempts of those batches that have not started are then skipped
+        (``_unless_cancelled``); with ``kill`` (greenlets) the running ones are killed too."""
         while True:
-            gevent.sleep(self.poll_s)
-            if not self._inflight:
-                continue
-            batches = set(self._inflight.values())
+            sleep(self.poll_s)
+            with self._lock:
+                inflight = list(self._inflight.items())
+                if not inflight:
+                    self._watcher = None
+                    self.cancelled = set()
+                    return
             try:
-                cancelled = self.store.cancelled_among(batches)
+                cancelled = self.store.cancelled_among({b for _, b in inflight})
             except Exception as exc:
                 log.warning("cancel poll failed: %s", exc)
                 continue
-            if not cancelled:
+            # Replaced, not grown: a cancelled batch stays cancelled, so while it has
+            # attempts in flight every poll finds it again.
+            self.cancelled = cancelled
+            if not cancelled or not kill:
                 continue
-            self.cancelled |= cancelled
-            victims = [g for g, b in list(self._inflight.items()) if b in cancelled]
+            victims = [g for g, b in inflight if b in cancelled and not g.dead]
             log.info("aborting %d in-flight requests of cancelled batches", len(victims))
             for g in victims:
                 g.kill(block=False)
@@ -201,6 +220,8 @@ class _GreenletAttempts(Attempts[T]):
             self.watch._inflight[g] = batch_id
             self._pending[g] = (key, batch_id)
             g.link(self._finished.put_nowait)
+        if jobs:
+            self.watch._ensure_watcher()
 
     def _next(self, timeout: float | None) -> Done[T] | None:
         import gevent
@@ -237,14 +258,18 @@ class _ThreadAttempts(Attempts[T]):
         executor = self.watch._executor()
         for key, batch_id, fn in jobs:
             future = executor.submit(self.watch._unless_cancelled, batch_id, fn)
+            self.watch._inflight[future] = batch_id
             self._pending[future] = key
             future.add_done_callback(self._finished.put)
+        if jobs:
+            self.watch._ensure_watcher()
 
     def _next(self, timeout: float | None) -> Done[T] | None:
         try:
             future = self._finished.get(timeout=timeout)
         except queue.Empty:
             return None
+        self.watch._inflight.pop(future, None)
         key = self._pending.pop(future, None)
         if key is None:
             return None  # abandoned by close
@@ -253,6 +278,7 @@ class _ThreadAttempts(Attempts[T]):
     def close(self) -> None:
         pending, self._pending = self._pending, {}
         for future in pending:
+            self.watch._inflight.pop(future, None)
             future.cancel()
 
 

@@ -166,7 +166,9 @@ class Settings:
     heartbeat_interval_ms: int = _env(_int, 5000, "worker heartbeat cadence")
     stale_worker_threshold_ms: int = _env(_int, 30000, "heartbeat older than this = dead worker")
     cancellation_poll_interval_ms: int = _env(
-        _int, 5000, "finalize/expiry cadence (at most the claim interval)"
+        _int,
+        5000,
+        "abort poll of in-flight attempts; finalize/expiry cadence (at most the claim interval)",
     )
     batch_metadata_fields: tuple[str, ...] = _env(
         _csv, ("id", "endpoint", "created_at", "completion_window"), "x-fusillade-batch-* headers"

@@ -19,6 +19,7 @@ from fusillade_celery.submit import Client
 from fusillade_celery.upstream import get_session
 
 from .conftest import line
+from .services import wait_for
 
 
 class Recorder:
@@ -340,6 +341,38 @@ def test_without_gevent_a_message_runs_its_attempts_concurrently_within_c(
     assert report.completed == 8
     assert mock.state.peak["m1"] == concurrency
     assert set(states(client.store, batch_id).values()) == {"completed"}
+
+
+def test_without_gevent_queued_attempts_of_a_cancelled_batch_never_reach_the_upstream(
+    client: Client, settings: Settings, mock: MockUpstream
+) -> None:
+    """Threads pool / embedded mode (DESIGN.md invariant 6): with -c 1, a message of 4 slow
+    requests has one running and three queued when its batch is cancelled. The cancel poll
+    sees it; the queued three are skipped, not sent, and every row ends canceled."""
+    import threading
+
+    from fusillade_celery.cancel_watch import CancelWatch
+
+    batch_id = client.submit_batch([line(f"q{i}", mock_latency_ms=800) for i in range(4)])
+    token, rows = client.store.claim("m1", "m1", 100, 100, time.time())
+    watch = CancelWatch(client.store, poll_s=0.05, concurrency=1)
+    reports: list[Report] = []
+    runner = threading.Thread(
+        target=lambda: reports.append(
+            run_message(
+                client.store, settings, token, [r.id for r in rows], Recorder(), watch=watch
+            )
+        )
+    )
+    runner.start()
+    wait_for(lambda: mock.state.calls == 1, what="the first call to start")
+    client.cancel_batch(batch_id)
+    runner.join(timeout=30)
+    assert not runner.is_alive()
+    assert mock.state.calls == 1, "queued attempts of a cancelled batch were sent"
+    assert reports[0].aborted == 3
+    assert set(states(client.store, batch_id).values()) == {"canceled"}
+    wait_for(lambda: watch._watcher is None, what="the idle cancel poll to end")
 
 
 def test_write_back_keeps_bodies_and_errors_exactly(client: Client, settings: Settings) -> None:
