@@ -119,12 +119,14 @@ ECHO_MODULE = Path("/usr/lib/nginx/modules/ngx_http_echo_module.so")
 
 
 @contextmanager
-def nginx_upstream(latency_s: float = 0.0) -> Iterator[str]:
+def nginx_upstream(latency_s: float = 0.0, call_log: Path | None = None) -> Iterator[str]:
     """nginx returning a fixed completion (the issue's reference upstream): one C worker,
     so the upstream takes little of the two cores the pipeline is measured on. With
     ``latency_s``, each reply waits that long first (``echo_sleep``, needs ``ECHO_MODULE``):
     the aiohttp mock spends about a fifth of a core at 1,000 replies a second, CPU that a
-    real upstream, on its own machines, does not take from the workers."""
+    real upstream, on its own machines, does not take from the workers. With ``call_log``,
+    nginx writes one line per call there (end time, duration, connection; complete once
+    the context has exited) for ``call_timeline``."""
     binary = nginx_binary()
     assert binary is not None, "nginx is not installed"
     assert not latency_s or ECHO_MODULE.exists(), "nginx's echo module is not installed"
@@ -137,6 +139,12 @@ def nginx_upstream(latency_s: float = 0.0) -> Iterator[str]:
     if latency_s:
         module = f"load_module {ECHO_MODULE};"
         answer = f"echo_read_request_body; echo_sleep {latency_s}; echo '{reply}';"
+    access_log = "access_log off;"
+    if call_log is not None:
+        access_log = (
+            'log_format calls "$msec $request_time $connection"; '
+            f"access_log {call_log} calls buffer=256k flush=1s;"
+        )
     (prefix / "nginx.conf").write_text(
         f"""{user}
 {module}
@@ -146,7 +154,7 @@ pid {prefix}/nginx.pid;
 error_log {prefix}/error.log warn;
 events {{ worker_connections 8192; }}
 http {{
-  access_log off;
+  {access_log}
   client_body_temp_path {prefix}/body;
   keepalive_requests 10000000;
   keepalive_timeout 300s;
@@ -188,6 +196,49 @@ def nginx_binary() -> str | None:
     if found:
         return found
     return "/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None
+
+
+def call_timeline(
+    call_log: Path, submit_start: float, submitted: float, completed: float, limit: int
+) -> dict[str, Any]:
+    """Where a latency-bound run's time went, from nginx's log of the calls: every second a
+    slot of the model's limit is not in an upstream call is lost, and the phases say where.
+    ``submit_s`` (``submit_batch``), ``first_call_s`` and ``limit_reached_s`` (the first and
+    the ``limit``-th call, after ``submit_batch`` returned), ``slot_use`` (slot-seconds in
+    calls over ``limit`` x the span from the first call to the last reply), the idle time of
+    a slot between two calls on one connection (a reply to the next request: write-back,
+    hand-off, send), and ``after_last_reply_s`` (until the batch read ``completed``)."""
+    calls = []
+    for line in call_log.read_text().splitlines():
+        end_s, took_s, connection = line.split()
+        end, took = float(end_s), float(took_s)
+        if end - took >= submit_start:  # not the bare loop's calls, made before
+            calls.append((end - took, end, connection))
+    if len(calls) < limit:
+        return {"not_measured": f"only {len(calls)} calls in nginx's log"}
+    calls.sort()
+    first, last_end = calls[0][0], max(c[1] for c in calls)
+    busy = sum(end - start for start, end, _ in calls)
+    previous_end: dict[str, float] = {}
+    idle = []
+    for start, end, connection in calls:
+        if connection in previous_end:
+            idle.append(start - previous_end[connection])
+        previous_end[connection] = end
+    idle.sort()
+    return {
+        "submit_s": round(submitted - submit_start, 3),
+        "first_call_s": round(first - submitted, 3),
+        "limit_reached_s": round(calls[limit - 1][0] - submitted, 3),
+        "last_reply_s": round(last_end - submitted, 3),
+        "after_last_reply_s": round(completed - last_end, 3),
+        "slot_use": round(busy / (limit * (last_end - first)), 3),
+        "idle_between_calls_ms": {
+            "mean": round(1000 * sum(idle) / max(1, len(idle)), 1),
+            "p50": round(1000 * idle[len(idle) // 2], 1) if idle else None,
+            "p90": round(1000 * idle[len(idle) * 9 // 10], 1) if idle else None,
+        },
+    }
 
 
 def instant_upstream(use_nginx: bool) -> Any:
@@ -353,8 +404,34 @@ def run_distributed(
     use_nginx: bool = False,
 ) -> dict[str, Any]:
 
-    upstream_cm = nginx_upstream(latency_ms / 1000.0) if use_nginx else mock_upstream(latency_ms)
-    with upstream_cm as url, tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp:
+        call_log = Path(tmp) / "calls.log" if use_nginx and latency_ms else None
+        if use_nginx:
+            upstream_cm = nginx_upstream(latency_ms / 1000.0, call_log)
+        else:
+            upstream_cm = mock_upstream(latency_ms)
+        out, times = _run_on(
+            upstream_cm, Path(tmp), n, latency_ms, limit, workers, concurrency, extra, use_nginx
+        )
+        if call_log is not None:  # complete now that nginx has exited
+            out["timeline"] = call_timeline(call_log, *times, limit)
+        return out
+
+
+def _run_on(
+    upstream_cm: Any,
+    tmp: Path,
+    n: int,
+    latency_ms: float,
+    limit: int,
+    workers: int,
+    concurrency: int,
+    extra: dict[str, str] | None,
+    use_nginx: bool,
+) -> tuple[dict[str, Any], tuple[float, float, float]]:
+    """``run_distributed`` on an upstream: its figures, and the wall-clock times the batch
+    was submitted, ``submit_batch`` returned and the batch read ``completed``."""
+    with upstream_cm as url:
         src = write_input(Path(tmp) / "in.jsonl", n)
         env_extra = {
             "FUSILLADE_UPSTREAM_URL": url,
@@ -369,12 +446,13 @@ def run_distributed(
             if not use_nginx:
                 requests.post(url + "/_mock/reset", timeout=5)
             busy0, workers0 = machine_busy_s(), process_cpu_s(worker_pids(env))
-            start = time.perf_counter()
+            start, start_wall = time.perf_counter(), time.time()
             batch_id = client.submit_batch(src)
             submitted = time.perf_counter()
             submitted_wall = time.time()
             wait_completed(client, batch_id, 0.05)
             elapsed = time.perf_counter() - start
+            completed_wall = time.time()
             busy = machine_busy_s() - busy0
             workers_cpu = process_cpu_s(worker_pids(env)) - workers0
             counts = client.get_batch(batch_id)["request_counts"]
@@ -405,7 +483,7 @@ def run_distributed(
             ideal = limit / (latency_ms / 1000.0)
             out["ideal_req_per_s"] = ideal
             out["fraction_of_ideal"] = round(rate / ideal, 2)
-        return out
+        return out, (start_wall, submitted_wall, completed_wall)
 
 
 def run_embedded(n: int, use_nginx: bool = False) -> dict[str, Any]:
