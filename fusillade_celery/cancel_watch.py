@@ -7,9 +7,9 @@ batches in flight were cancelled, and kills those greenlets: urllib3 closes a co
 request did not finish cleanly, so the upstream sees the socket close at once. Other pools
 (threads: the embedded mode, ``-P threads``) run a message's attempts on a per-process thread
 pool of the worker's ``-c``, watched by one daemon thread per process that runs the same poll;
-a thread cannot be interrupted, so there an attempt of a cancelled batch that has not started
-is skipped (it never reaches the upstream), and a running one's result is discarded by the
-fenced write-back.
+a thread cannot be interrupted, so there the attempts of a cancelled batch that have not
+started by the next poll are skipped (they never reach the upstream), and a running one's
+result is discarded by the fenced write-back.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ class Aborted(Exception):
 class CancelWatch:
     def __init__(self, store: Store, poll_s: float, concurrency: int = 64):
         self.store = store
-        self.poll_s = poll_s
+        self.poll_s = max(poll_s, 0.01)  # a zero interval would spin on the database
         self.concurrency = concurrency
         self._semaphore: Any = None
         self._inflight: dict[Any, str] = {}  # unfinished greenlet or future -> its batch
@@ -104,9 +104,10 @@ class CancelWatch:
 
     def _ensure_watcher(self) -> None:
         """Start the poll unless it runs (call after registering in ``_inflight``: the poll
-        ends, under the same lock, once it finds nothing in flight)."""
+        ends, under the same lock, once it finds nothing in flight; one that died of an
+        error is replaced)."""
         with self._lock:
-            if self._watcher is not None:
+            if self._watcher is not None and _alive(self._watcher):
                 return
             if gevent_active():
                 import gevent
@@ -147,6 +148,13 @@ class CancelWatch:
             log.info("aborting %d in-flight requests of cancelled batches", len(victims))
             for g in victims:
                 g.kill(block=False)
+
+
+def _alive(watcher: Any) -> bool:
+    """Whether the watcher thread or greenlet still runs."""
+    if isinstance(watcher, threading.Thread):
+        return watcher.is_alive()
+    return not watcher.dead
 
 
 class Attempts(Generic[T]):

@@ -54,8 +54,9 @@ class Report:
 
 
 class Held:
-    """This process's running attempts per routed model, across all its messages: what
-    ``HandOffPolicy`` compares with the process's fair share of the model's limit."""
+    """This process's attempts per routed model (running, or waiting for a ``-c`` slot),
+    across all its messages: what ``HandOffPolicy`` compares with the process's fair share of
+    the model's limit."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -85,12 +86,15 @@ class HandOffPolicy:
     hand-off skipping urgent rows would keep the slots they could have had busy with later
     ones).
 
-    And only while this process runs fewer of the model's requests than its ``fair_share``
-    (None: no bound). Which worker a message lands on is the broker's pick; without the
-    bound, the slots of an uneven first split stayed where they landed for the whole window
-    (one worker of two held 620 of 1,000 slots, its core the bottleneck while the other's
-    idled). A slot freed above the share goes back through the claim and the queue, to
-    whichever worker takes the message first."""
+    And only while this process holds fewer of the model's requests than its ``fair_share``
+    (None: no bound), counted without the chunk being written: a gate, not a cap, so a
+    process may end up one write-back's hand-offs above its share (a cap would be one more
+    bind parameter in the hot statement; a chunk is ~20 rows of a 500-row share). Which
+    worker a message lands on is the broker's pick; without the bound, the slots of an
+    uneven first split stayed where they landed for the whole window (one worker of two
+    held 620 of 1,000 slots, its core the bottleneck while the other's idled). A slot freed
+    at or above the share goes back through the claimer and the queue, to whichever worker
+    takes the message first."""
 
     until: float
     worker_id: str
@@ -230,9 +234,9 @@ def execute(
             finishes = []
             ended: list[WorkItem] = []  # aborted (already canceled) or written terminal
             freeing = 0  # rows this write-back moves out of the model's slots
-            HELD.add(model, -len(chunk))
-            for key, outcome, finished_at in chunk:
-                item = running.pop(key)
+            done = [(running.pop(key), outcome, at) for key, outcome, at in chunk]
+            HELD.add(model, -len(done))
+            for item, outcome, finished_at in done:
                 if isinstance(outcome, Aborted):
                     report.aborted += 1  # the row is canceled already: nothing to write
                     ended.append(item)

@@ -343,12 +343,14 @@ def test_without_gevent_a_message_runs_its_attempts_concurrently_within_c(
     assert set(states(client.store, batch_id).values()) == {"completed"}
 
 
+@pytest.mark.parametrize("earlier_poll", ["none", "died"])
 def test_without_gevent_queued_attempts_of_a_cancelled_batch_never_reach_the_upstream(
-    client: Client, settings: Settings, mock: MockUpstream
+    client: Client, settings: Settings, mock: MockUpstream, earlier_poll: str
 ) -> None:
     """Threads pool / embedded mode (DESIGN.md invariant 6): with -c 1, a message of 4 slow
     requests has one running and three queued when its batch is cancelled. The cancel poll
-    sees it; the queued three are skipped, not sent, and every row ends canceled."""
+    sees it; the queued three are skipped, not sent, and every row ends canceled. A poll
+    that died earlier (of an error) is replaced, not taken for a running one."""
     import threading
 
     from fusillade_celery.cancel_watch import CancelWatch
@@ -356,6 +358,11 @@ def test_without_gevent_queued_attempts_of_a_cancelled_batch_never_reach_the_ups
     batch_id = client.submit_batch([line(f"q{i}", mock_latency_ms=800) for i in range(4)])
     token, rows = client.store.claim("m1", "m1", 100, 100, time.time())
     watch = CancelWatch(client.store, poll_s=0.05, concurrency=1)
+    if earlier_poll == "died":
+        dead = threading.Thread(target=lambda: None)
+        dead.start()
+        dead.join()
+        watch._watcher = dead
     reports: list[Report] = []
     runner = threading.Thread(
         target=lambda: reports.append(

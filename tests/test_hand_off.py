@@ -185,7 +185,7 @@ def test_a_process_at_its_fair_share_hands_no_slot_on(
         token, claimed = client.store.claim("m1", "m1", 2, 10, time.time())
         refills: list[set[str]] = []
         policy = HandOffPolicy(
-            until=time.time() + 60, worker_id="w1", fair_share=lambda model, s=share: s
+            until=time.time() + 60, worker_id="w1", fair_share=lambda model, s=share: before + s
         )
         report = run_message(
             client.store,
