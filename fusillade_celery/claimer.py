@@ -77,18 +77,6 @@ class MessageSizer:
         fits = min(known) if known and len(known) == len(consumers) else UNKNOWN_CONCURRENCY_CAP
         return split(ids, min(settings.requests_per_message, fits))
 
-    def share(
-        self, store: Store, settings: Settings, queue: str, model: str, own: int
-    ) -> int | None:
-        """This process's fair share of ``model``'s limit: the limit split over the queue's
-        live consumers in proportion to their ``-c`` (``own`` is this process's), rounded
-        up. None (no bound) with one consumer, or while one does not advertise its ``-c``."""
-        consumers = self.consumers(store, settings, queue)
-        known = [c for c in consumers if c]
-        if len(known) < 2 or len(known) != len(consumers):
-            return None
-        return math.ceil(settings.limit_for(model) * own / sum(known))
-
     def consumers(self, store: Store, settings: Settings, queue: str) -> list[int | None]:
         if self.only_consumer is not None:
             return [self.only_consumer]

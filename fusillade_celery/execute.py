@@ -9,11 +9,8 @@ from __future__ import annotations
 
 import functools
 import logging
-import threading
 import time
-from collections import Counter
-from collections.abc import Callable, Hashable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import requests
@@ -53,27 +50,6 @@ class Report:
     retries: dict[float, list[int]] = field(default_factory=dict)
 
 
-class Held:
-    """This process's attempts per routed model (running, or waiting for a ``-c`` slot),
-    across all its messages: what ``HandOffPolicy`` compares with the process's fair share of
-    the model's limit."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._counts: Counter[str] = Counter()
-
-    def add(self, model: str, n: int) -> None:
-        with self._lock:
-            self._counts[model] += n
-
-    def of(self, model: str) -> int:
-        return self._counts[model]
-
-
-#: This process's running attempts per routed model.
-HELD = Held()
-
-
 @dataclass(frozen=True)
 class HandOffPolicy:
     """When a write-back hands the slots it frees to the next pending requests of the same
@@ -84,30 +60,16 @@ class HandOffPolicy:
     ``-c`` slot (then the slot is theirs). Never for a model that has an SLA escalation or
     is one: which rows are urgent, and whose slot they take, is the claimer's decision (a
     hand-off skipping urgent rows would keep the slots they could have had busy with later
-    ones).
-
-    And only while this process holds fewer of the model's requests than its ``fair_share``
-    (None: no bound), counted without the chunk being written: a gate, not a cap, so a
-    process may end up one write-back's hand-offs above its share (a cap would be one more
-    bind parameter in the hot statement; a chunk is ~20 rows of a 500-row share). Which
-    worker a message lands on is the broker's pick; without the bound, the slots of an
-    uneven first split stayed where they landed for the whole window (one worker of two
-    held 620 of 1,000 slots, its core the bottleneck while the other's idled). A slot freed
-    at or above the share goes back through the claimer and the queue, to whichever worker
-    takes the message first."""
+    ones)."""
 
     until: float
     worker_id: str
     active: Callable[[], bool] = lambda: True
-    fair_share: Callable[[str], int | None] = lambda model: None
 
     def target(
         self, settings: Settings, model: str, now: float, watch: CancelWatch
     ) -> HandOff | None:
         if now >= self.until or not self.active() or watch.others_waiting():
-            return None
-        share = self.fair_share(model)
-        if share is not None and HELD.of(model) >= share:
             return None
         escalating = settings.escalations
         if model in escalating or any(e.model == model for e in escalating.values()):
@@ -215,28 +177,23 @@ def execute(
     # handed back to this very message under a new token; both attempts are then its own.
     running: dict[Hashable, WorkItem] = {}
 
-    # A message's rows, and the rows handed to it, share one routed model.
-    model = items[0].routed_model if items else ""
-
-    def jobs(new: Sequence[WorkItem]) -> list[Job[upstream.Outcome]]:
+    def jobs(new: Iterable[WorkItem]) -> list[Job[upstream.Outcome]]:
         out: list[Job[upstream.Outcome]] = []
         for item in new:
             running[item.id, item.token] = item
             attempt = functools.partial(upstream.attempt, session, item, settings)
             out.append(((item.id, item.token), item.batch_id, attempt))
-        HELD.add(model, len(new))
         return out
 
     attempts: Attempts[upstream.Outcome] = watch.attempts(FLUSH_S)
-    with _held_until_done(running, model), attempts:
+    with attempts:
         attempts.add(jobs(items))
         for chunk in attempts:
             finishes = []
             ended: list[WorkItem] = []  # aborted (already canceled) or written terminal
             freeing = 0  # rows this write-back moves out of the model's slots
-            done = [(running.pop(key), outcome, at) for key, outcome, at in chunk]
-            HELD.add(model, -len(done))
-            for item, outcome, finished_at in done:
+            for key, outcome, finished_at in chunk:
+                item = running.pop(key)
                 if isinstance(outcome, Aborted):
                     report.aborted += 1  # the row is canceled already: nothing to write
                     ended.append(item)
@@ -251,7 +208,8 @@ def execute(
                 now = time.time()
                 target = None
                 if hand_off is not None and freeing:
-                    target = hand_off.target(settings, model, now, watch)
+                    # A message's rows, and the rows handed to it, share one routed model.
+                    target = hand_off.target(settings, ended[-1].routed_model, now, watch)
                 started = _write(store, finishes, now, target)
                 attempts.add(jobs(started))  # first: nothing below may strand them
                 report.handed_off += len(started)
@@ -259,16 +217,6 @@ def execute(
             if requests_ended is not None and ended:
                 _report_ended(requests_ended, ended, started)
     return report
-
-
-@contextmanager
-def _held_until_done(running: dict[Hashable, WorkItem], model: str) -> Iterator[None]:
-    """Attempts still running when the message leaves early (an error) are abandoned: they
-    no longer count as this process's."""
-    try:
-        yield
-    finally:
-        HELD.add(model, -len(running))
 
 
 def _report_ended(

@@ -117,9 +117,6 @@ def execute_requests(self: Task, routed_model: str, token: str, ids: list[int]) 
             until=time.time() + settings.handoff_window_ms / 1000.0,
             worker_id=wid,
             active=lambda: HAND_OFF["allowed"],
-            fair_share=lambda model: SIZER.share(
-                store, settings, queue_for_model(model), model, upstream.POOL_SIZE["size"]
-            ),
         )
     report = execute.execute(
         store,

@@ -165,48 +165,6 @@ def test_no_hand_off_after_the_window_or_once_stopping(
     assert mock.state.calls == 2
 
 
-def test_a_process_at_its_fair_share_hands_no_slot_on(
-    client: Client, settings: Settings, mock: MockUpstream
-) -> None:
-    """Given a message of a fast and a slow request, and one more pending, when the fast one
-    ends while this process still runs one of the model's requests: below the process's fair
-    share its slot is handed on at once; at the share it is not (the message reports the
-    freed slot for a refill claim, so the broker may give it to a less loaded worker), and
-    the pending request waits for the slow one's slot. Either way the process's count of
-    running requests returns to where it was."""
-    from fusillade_celery.execute import HELD
-
-    limited = settings.replace(model_limits={"m1": 2})
-    before = HELD.of("m1")
-    for share in (2, 1):
-        client.submit_batch(
-            [line(f"fast{share}"), line(f"slow{share}", mock_latency_ms=400), line(f"next{share}")]
-        )
-        token, claimed = client.store.claim("m1", "m1", 2, 10, time.time())
-        refills: list[set[str]] = []
-        policy = HandOffPolicy(
-            until=time.time() + 60, worker_id="w1", fair_share=lambda model, s=share: before + s
-        )
-        report = run_message(
-            client.store,
-            limited,
-            token,
-            [c.id for c in claimed],
-            Recorder(),
-            hand_off=policy,
-            requests_ended=lambda models, batches, r=refills: r.append(models),
-        )
-        assert (report.completed, report.handed_off) == (3, 1)
-        assert HELD.of("m1") == before
-        calls = {c["custom_id"]: c for c in mock.state.log}
-        next_started, slow_ended = calls[f"next{share}"]["start"], calls[f"slow{share}"]["end"]
-        if share == 2:
-            assert next_started < slow_ended, "below the share the slot is handed on at once"
-        else:
-            assert next_started >= slow_ended, "at the share the fast one's slot was handed on"
-            assert {"m1"} in refills, "the slot not handed on was not offered to the claimer"
-
-
 def test_a_row_reaped_while_running_and_handed_back_to_its_message_ends_once(
     client: Client, settings: Settings, mock: MockUpstream
 ) -> None:

@@ -62,22 +62,3 @@ def test_sizer_reads_the_consumers_once_per_ttl(store: Store, settings: Settings
     assert sizer.consumers(store, hourly, "model.m1") == [10]  # cached
     fresh = settings.replace(heartbeat_interval_ms=0)
     assert MessageSizer().consumers(store, fresh, "model.m1") in ([10, 30], [30, 10])
-
-
-def test_a_fair_share_splits_the_limit_by_the_live_consumers_c(
-    store: Store, settings: Settings
-) -> None:
-    """The hand-off bound of one process: the model's limit in proportion to its -c among
-    the queue's live consumers; no bound while it is the only one or a -c is unknown."""
-    settings = settings.replace(model_limits={"m1": 1000}, heartbeat_interval_ms=0)
-    now = time.time()
-    sizer = MessageSizer()
-    store.heartbeat("h:1", "h", 1, "model.m1", now, concurrency=1000)
-    assert sizer.share(store, settings, "model.m1", "m1", 1000) is None  # alone
-    store.heartbeat("h:2", "h", 2, "model.m1", now, concurrency=1000)
-    assert sizer.share(store, settings, "model.m1", "m1", 1000) == 500
-    store.heartbeat("h:3", "h", 3, "model.m1", now, concurrency=500)
-    assert sizer.share(store, settings, "model.m1", "m1", 500) == 200
-    assert sizer.share(store, settings, "model.m1", "m1", 1000) == 400
-    store.heartbeat("h:4", "h", 4, "model.m1", now, concurrency=None)
-    assert sizer.share(store, settings, "model.m1", "m1", 1000) is None
