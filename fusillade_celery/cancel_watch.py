@@ -175,20 +175,51 @@ class Attempts(Generic[T]):
     def __init__(self, watch: CancelWatch, flush_s: float):
         self.watch = watch
         self.flush_s = flush_s
-        #: Jobs added and not yet yielded: their greenlet or future -> what it is for.
-        self._pending: dict[Any, Any] = {}
+        #: Jobs added and not yet yielded: their greenlet or future -> (key, batch id).
+        self._pending: dict[Any, tuple[Hashable, str]] = {}
 
     def add(self, jobs: Sequence[Job[T]]) -> None:
-        raise NotImplementedError
+        for key, batch_id, fn in jobs:
+            handle = self._start(batch_id, fn)
+            self.watch._inflight[handle] = batch_id
+            self._pending[handle] = (key, batch_id)
+        if jobs:
+            self.watch._ensure_watcher()
 
     def _left(self) -> int:
         return len(self._pending)
 
     def _next(self, timeout: float | None) -> Done[T] | None:
         """The next finished job, waiting at most ``timeout`` (None: until one finishes)."""
-        raise NotImplementedError
+        handle = self._finished_within(timeout)
+        if handle is None:
+            return None
+        self.watch._inflight.pop(handle, None)
+        job = self._pending.pop(handle, None)
+        if job is None:
+            return None  # abandoned by close
+        key, batch_id = job
+        return (key, self._result(handle, batch_id), time.time())
 
     def close(self) -> None:
+        pending, self._pending = self._pending, {}
+        for handle in pending:
+            self.watch._inflight.pop(handle, None)
+            self._stop(handle)
+
+    # What a pool provides: start a job (its handle is put on the pool's queue of finished
+    # jobs when it ends), take the next finished one, read its result, stop an unfinished one.
+
+    def _start(self, batch_id: str, fn: Callable[[], T]) -> Any:
+        raise NotImplementedError
+
+    def _finished_within(self, timeout: float | None) -> Any:
+        raise NotImplementedError
+
+    def _result(self, handle: Any, batch_id: str) -> T | Aborted:
+        raise NotImplementedError
+
+    def _stop(self, handle: Any) -> None:
         raise NotImplementedError
 
     def __iter__(self) -> Iterator[list[Done[T]]]:
@@ -220,41 +251,33 @@ class _GreenletAttempts(Attempts[T]):
         super().__init__(watch, flush_s)
         self._finished: Any = Queue()  # finished greenlets, put by their link callback
 
-    def add(self, jobs: Sequence[Job[T]]) -> None:
+    def _start(self, batch_id: str, fn: Callable[[], T]) -> Any:
         import gevent
 
-        for key, batch_id, fn in jobs:
-            g = gevent.spawn(self.watch._limited, batch_id, fn)
-            self.watch._inflight[g] = batch_id
-            self._pending[g] = (key, batch_id)
-            g.link(self._finished.put_nowait)
-        if jobs:
-            self.watch._ensure_watcher()
+        g = gevent.spawn(self.watch._limited, batch_id, fn)
+        g.link(self._finished.put_nowait)
+        return g
 
-    def _next(self, timeout: float | None) -> Done[T] | None:
-        import gevent
+    def _finished_within(self, timeout: float | None) -> Any:
         from gevent.queue import Empty
 
         try:
-            g = self._finished.get(timeout=timeout)
+            return self._finished.get(timeout=timeout)
         except Empty:
             return None
-        if g not in self._pending:
-            return None  # abandoned by close
-        key, batch_id = self._pending.pop(g)
-        self.watch._inflight.pop(g, None)
-        if isinstance(g.value, (gevent.GreenletExit, Aborted)):
-            return (key, Aborted(batch_id), time.time())
-        if not g.successful():
-            assert g.exception is not None
-            raise g.exception
-        return (key, g.value, time.time())
 
-    def close(self) -> None:
-        pending, self._pending = self._pending, {}
-        for g in pending:
-            self.watch._inflight.pop(g, None)
-            g.kill(block=False)
+    def _result(self, handle: Any, batch_id: str) -> T | Aborted:
+        import gevent
+
+        if isinstance(handle.value, (gevent.GreenletExit, Aborted)):
+            return Aborted(batch_id)
+        if not handle.successful():
+            assert handle.exception is not None
+            raise handle.exception
+        return handle.value
+
+    def _stop(self, handle: Any) -> None:
+        handle.kill(block=False)
 
 
 class _ThreadAttempts(Attempts[T]):
@@ -262,32 +285,22 @@ class _ThreadAttempts(Attempts[T]):
         super().__init__(watch, flush_s)
         self._finished: queue.SimpleQueue[Future[T | Aborted]] = queue.SimpleQueue()
 
-    def add(self, jobs: Sequence[Job[T]]) -> None:
-        executor = self.watch._executor()
-        for key, batch_id, fn in jobs:
-            future = executor.submit(self.watch._unless_cancelled, batch_id, fn)
-            self.watch._inflight[future] = batch_id
-            self._pending[future] = key
-            future.add_done_callback(self._finished.put)
-        if jobs:
-            self.watch._ensure_watcher()
+    def _start(self, batch_id: str, fn: Callable[[], T]) -> Any:
+        future = self.watch._executor().submit(self.watch._unless_cancelled, batch_id, fn)
+        future.add_done_callback(self._finished.put)
+        return future
 
-    def _next(self, timeout: float | None) -> Done[T] | None:
+    def _finished_within(self, timeout: float | None) -> Any:
         try:
-            future = self._finished.get(timeout=timeout)
+            return self._finished.get(timeout=timeout)
         except queue.Empty:
             return None
-        self.watch._inflight.pop(future, None)
-        key = self._pending.pop(future, None)
-        if key is None:
-            return None  # abandoned by close
-        return (key, future.result(), time.time())
 
-    def close(self) -> None:
-        pending, self._pending = self._pending, {}
-        for future in pending:
-            self.watch._inflight.pop(future, None)
-            future.cancel()
+    def _result(self, handle: Any, batch_id: str) -> T | Aborted:
+        return handle.result()
+
+    def _stop(self, handle: Any) -> None:
+        handle.cancel()
 
 
 _watches: dict[int, CancelWatch] = {}
