@@ -384,12 +384,17 @@ def _claim_statement(deadline_before: bool) -> Any:
     return select(claimed.c.id, claimed.c.batch_id).add_cte(started)
 
 
+def _sqlite_claim_rows(q: _ClaimQuery) -> Any:
+    """SQLite: claim ``p_room`` of the rows ``q`` picks, returning (id, batch_id)."""
+    chosen = t.requests.c.id.in_(q.pick.limit(_p("room", Integer)).scalar_subquery())
+    return q.claim_rows(chosen)
+
+
 @functools.cache
 def _sqlite_claim_statements(deadline_before: bool) -> tuple[Any, Any]:
     """SQLite's claim: the in-flight count, then the claim of ``p_room`` rows."""
     q = _ClaimQuery(deadline_before=deadline_before)
-    chosen = t.requests.c.id.in_(q.pick.limit(_p("room", Integer)).scalar_subquery())
-    return q.in_flight, q.claim_rows(chosen)
+    return q.in_flight, _sqlite_claim_rows(q)
 
 
 @functools.cache
@@ -492,11 +497,8 @@ def _sqlite_write_back_statement() -> Any:
 
 @functools.cache
 def _sqlite_hand_off_statement() -> Any:
-    """SQLite's hand-off: claim ``p_room`` rows straight into processing (their ids)."""
-    q = _ClaimQuery(started_by=True)
-    r = t.requests
-    chosen = r.c.id.in_(q.pick.limit(_p("room", Integer)).scalar_subquery())
-    return update(r).where(chosen).values(**q.mark).returning(r.c.id)
+    """SQLite's hand-off: claim ``p_room`` rows straight into processing."""
+    return _sqlite_claim_rows(_ClaimQuery(started_by=True))
 
 
 @functools.cache
@@ -847,7 +849,7 @@ class Store:
         if not hand_off or freed == 0:
             return Written(changed, [])
         claimed = conn.execute(_sqlite_hand_off_statement(), {**params, "p_room": freed})
-        ids = claimed.scalars().all()
+        ids = [i for i, _ in claimed]
         if ids:
             marked = {"p_ids": list(ids), "p_now": params["p_now"]}
             conn.execute(_sqlite_mark_started_statement(), marked)
