@@ -410,80 +410,63 @@ def run_distributed(
             upstream_cm = nginx_upstream(latency_ms / 1000.0, call_log)
         else:
             upstream_cm = mock_upstream(latency_ms)
-        out, times = _run_on(
-            upstream_cm, Path(tmp), n, latency_ms, limit, workers, concurrency, extra, use_nginx
-        )
-        if call_log is not None:  # complete now that nginx has exited
-            out["timeline"] = call_timeline(call_log, *times, limit)
-        return out
-
-
-def _run_on(
-    upstream_cm: Any,
-    tmp: Path,
-    n: int,
-    latency_ms: float,
-    limit: int,
-    workers: int,
-    concurrency: int,
-    extra: dict[str, str] | None,
-    use_nginx: bool,
-) -> tuple[dict[str, Any], tuple[float, float, float]]:
-    """``run_distributed`` on an upstream: its figures, and the wall-clock times the batch
-    was submitted, ``submit_batch`` returned and the batch read ``completed``."""
-    with upstream_cm as url:
-        src = write_input(Path(tmp) / "in.jsonl", n)
-        env_extra = {
-            "FUSILLADE_UPSTREAM_URL": url,
-            "FUSILLADE_MODEL_LIMITS": f"bench={limit}",
-            "FUSILLADE_CLAIM_BATCH_SIZE": str(max(limit, 100)),
-            **(extra or {}),
-        }
-        bare_n = min(n, 6000) if latency_ms == 0 else 3
-        bare = bare_loop(url, bare_n)
-        with cluster(env_extra, workers, concurrency) as env:
-            client = cluster_client(env)
+        with upstream_cm as url:
+            src = write_input(Path(tmp) / "in.jsonl", n)
+            env_extra = {
+                "FUSILLADE_UPSTREAM_URL": url,
+                "FUSILLADE_MODEL_LIMITS": f"bench={limit}",
+                "FUSILLADE_CLAIM_BATCH_SIZE": str(max(limit, 100)),
+                **(extra or {}),
+            }
+            bare_n = min(n, 6000) if latency_ms == 0 else 3
+            bare = bare_loop(url, bare_n)
+            with cluster(env_extra, workers, concurrency) as env:
+                client = cluster_client(env)
+                if not use_nginx:
+                    requests.post(url + "/_mock/reset", timeout=5)
+                busy0, workers0 = machine_busy_s(), process_cpu_s(worker_pids(env))
+                start, start_wall = time.perf_counter(), time.time()
+                batch_id = client.submit_batch(src)
+                submitted = time.perf_counter()
+                submitted_wall = time.time()
+                wait_completed(client, batch_id, 0.05)
+                elapsed = time.perf_counter() - start
+                completed_wall = time.time()
+                busy = machine_busy_s() - busy0
+                workers_cpu = process_cpu_s(worker_pids(env)) - workers0
+                counts = client.get_batch(batch_id)["request_counts"]
+                rss = worker_rss_mb(env)
+            rate = n / elapsed
+            out: dict[str, Any] = {
+                "requests": n,
+                "seconds": round(elapsed, 2),
+                "submit_seconds": round(submitted - start, 2),
+                "req_per_s": round(rate, 1),
+                "bare_loop_req_per_s": round(bare, 1),
+                "ratio_to_bare_loop": round(rate / bare, 2),
+                # CPU per request (whole machine; the workers alone), from submit to completed.
+                "machine_cpu_ms_per_request": round(busy * 1000 / n, 3),
+                "worker_cpu_ms_per_request": round(workers_cpu * 1000 / n, 3),
+                "completed": counts["completed"],
+                "workers": workers,
+                "concurrency": concurrency,
+                "limit": limit,
+                "worker_rss_mb": rss,
+                "upstream": upstream_label(use_nginx, latency_ms),
+            }
             if not use_nginx:
-                requests.post(url + "/_mock/reset", timeout=5)
-            busy0, workers0 = machine_busy_s(), process_cpu_s(worker_pids(env))
-            start, start_wall = time.perf_counter(), time.time()
-            batch_id = client.submit_batch(src)
-            submitted = time.perf_counter()
-            submitted_wall = time.time()
-            wait_completed(client, batch_id, 0.05)
-            elapsed = time.perf_counter() - start
-            completed_wall = time.time()
-            busy = machine_busy_s() - busy0
-            workers_cpu = process_cpu_s(worker_pids(env)) - workers0
-            counts = client.get_batch(batch_id)["request_counts"]
-            rss = worker_rss_mb(env)
-        rate = n / elapsed
-        out: dict[str, Any] = {
-            "requests": n,
-            "seconds": round(elapsed, 2),
-            "submit_seconds": round(submitted - start, 2),
-            "req_per_s": round(rate, 1),
-            "bare_loop_req_per_s": round(bare, 1),
-            "ratio_to_bare_loop": round(rate / bare, 2),
-            # CPU per request (whole machine; the workers alone), from submit to completed.
-            "machine_cpu_ms_per_request": round(busy * 1000 / n, 3),
-            "worker_cpu_ms_per_request": round(workers_cpu * 1000 / n, 3),
-            "completed": counts["completed"],
-            "workers": workers,
-            "concurrency": concurrency,
-            "limit": limit,
-            "worker_rss_mb": rss,
-            "upstream": upstream_label(use_nginx, latency_ms),
-        }
-        if not use_nginx:
-            first = requests.get(url + "/_mock/stats", timeout=30).json().get("first_call_at")
-            if first is not None:
-                out["first_call_after_submit_s"] = round(first - submitted_wall, 3)
-        if latency_ms:
-            ideal = limit / (latency_ms / 1000.0)
-            out["ideal_req_per_s"] = ideal
-            out["fraction_of_ideal"] = round(rate / ideal, 2)
-        return out, (start_wall, submitted_wall, completed_wall)
+                first = requests.get(url + "/_mock/stats", timeout=30).json().get("first_call_at")
+                if first is not None:
+                    out["first_call_after_submit_s"] = round(first - submitted_wall, 3)
+            if latency_ms:
+                ideal = limit / (latency_ms / 1000.0)
+                out["ideal_req_per_s"] = ideal
+                out["fraction_of_ideal"] = round(rate / ideal, 2)
+        if call_log is not None:  # complete now that nginx has exited
+            out["timeline"] = call_timeline(
+                call_log, start_wall, submitted_wall, completed_wall, limit
+            )
+        return out
 
 
 def run_embedded(n: int, use_nginx: bool = False) -> dict[str, Any]:
