@@ -13,8 +13,9 @@ the time from ``submit_batch`` returning to the first upstream call), ``latency-
 same on nginx's ``echo_sleep``, when nginx has its echo module), ``embedded``
 (``fusillade-celery run`` on SQLite), ``scale`` (submit 1,000,000 lines: time and peak RSS; the
 claim statement at 10,000 and 1,000,000 pending rows, timed in turns, with its plan;
-``iter_results`` lines/s and RSS), ``memory`` (worker RSS after 10,000 and after 100,000
-requests). ``--scenarios a,b`` picks some; an unknown name is an error. The distributed
+``iter_results`` lines/s and RSS; the purge of a 10,000-line batch beside them), ``memory``
+(worker RSS after 10,000 and after 100,000 requests). ``--scenarios a,b`` picks some; an
+unknown name is an error. The distributed
 scenarios also report CPU per request (the whole machine's, and the workers'), steadier across
 runs than rates on a machine whose speed drifts.
 """
@@ -626,10 +627,40 @@ def run_scale(n: int, small: int = 10_000) -> dict[str, Any]:
             "print(json.dumps({'lines':k,'lines_per_s':round(k/r),"
             "'rss_mb_at_10pct_and_end':marks}))"
         )
+        out["purge_beside_live_rows"] = purge_beside(db_url, Path(tmp) / f"in-{small}.jsonl")
         for name, url in zip(names, urls, strict=True):
             get_engine(url).dispose()
             services.drop_database(admin, name)
     return out
+
+
+def purge_beside(db_url: str, src: Path) -> dict[str, Any]:
+    """Submit ``src`` as a batch next to the rows already in ``db_url``, delete the batch and
+    its file, and time the purge (unthrottled): the template chunks must not read the other
+    rows (they once scanned every request, 8 s a chunk next to 100,000)."""
+    from fusillade_celery import maintenance
+    from fusillade_celery.settings import Settings
+    from fusillade_celery.submit import Client
+
+    settings = Settings().replace(
+        database_url=db_url, upstream_url="http://127.0.0.1:9", purge_throttle_ms=0
+    )
+    client = Client(settings, notify=False)
+    batch_id = client.submit_batch(src)
+    file_id = client.get_batch(batch_id)["input_file_id"]
+    client.delete_batch(batch_id)
+    client.delete_file(file_id)
+    start = time.time()  # the chunks' own clock (maintenance.purge)
+    chunks = maintenance.purge(client.store, settings)
+    spent = time.time() - start
+    ends = [start, *(at for at, _ in chunks)]
+    times = [b - a for a, b in zip(ends, ends[1:], strict=False)]
+    return {
+        "rows": sum(n for _, n in chunks),
+        "chunks": len(chunks),
+        "seconds": round(spent, 2),
+        "slowest_chunk_ms": round(1000 * max(times), 1) if times else None,
+    }
 
 
 def run_memory(first: int, total: int, workers: int, concurrency: int, use_nginx: bool) -> dict:

@@ -1259,7 +1259,12 @@ class Store:
     def purge_chunk(self, size: int) -> int:
         """Delete up to ``size`` requests of soft-deleted batches, else up to ``size``
         templates of soft-deleted files that no request references any more. Returns how many
-        rows went; 0 means nothing is left to purge."""
+        rows went; 0 means nothing is left to purge.
+
+        A request is made from a template of its own batch's file (``submit``), so a file's
+        templates are unreferenced once no batch made from the file has a request left: a
+        look-up per file, by batch, where asking per template whether any request names it
+        read every request (there is no index on ``template_id``)."""
         r, rt, b, f = t.requests, t.request_templates, t.batches, t.files
         with self._tx() as conn:
             doomed = (
@@ -1270,13 +1275,24 @@ class Store:
             n = conn.execute(delete(r).where(r.c.id.in_(doomed.scalar_subquery()))).rowcount
             if n:
                 return max(n, 0)
-            referenced = exists().where(r.c.template_id == rt.c.id)
+            # One file a chunk, found by index look-ups (a request of a batch; a template of
+            # a file), written so the planner cannot turn them into scans of either table.
+            has_request = select(r.c.id).where(r.c.batch_id == b.c.id).limit(1)
+            in_use = exists().where(b.c.file_id == f.c.id, has_request.exists())
+            unused_file = (
+                select(f.c.id)
+                .where(
+                    f.c.deleted_at.is_not(None),
+                    select(rt.c.id).where(rt.c.file_id == f.c.id).limit(1).exists(),
+                    ~in_use,
+                )
+                .limit(1)
+                .scalar_subquery()
+            )
             doomed_t = (
                 select(rt.c.id)
-                .where(
-                    rt.c.file_id.in_(select(f.c.id).where(f.c.deleted_at.is_not(None))),
-                    ~referenced,
-                )
+                .where(rt.c.file_id == unused_file)
+                .order_by(rt.c.line_number)  # the (file, line) index, not a scan
                 .limit(size)
             )
             return max(

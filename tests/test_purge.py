@@ -67,3 +67,30 @@ def test_deleting_a_running_batch_cancels_its_requests(pg_client: Client) -> Non
     pg_client.delete_batch(batch_id)
     assert {r["state"] for r in pg_client.store.request_rows(batch_id)} == {"canceled"}
     assert pg_client.store.active_models() == set()
+
+
+def test_a_deleted_file_keeps_its_templates_while_a_batch_made_from_it_has_requests(
+    pg_client: Client,
+) -> None:
+    batch_id = pg_client.submit_batch([line(f"k{i}") for i in range(30)])
+    file_id = pg_client.get_batch(batch_id)["input_file_id"]
+    other = pg_client.submit_batch([line(f"o{i}") for i in range(20)])
+    other_file = pg_client.get_batch(other)["input_file_id"]
+    pg_client.delete_file(file_id)
+    pg_client.delete_file(other_file)
+    pg_client.delete_batch(other)
+    settings = pg_client.settings.replace(purge_batch_size=1000, purge_throttle_ms=0)
+
+    # The other file's batch is gone: its 20 requests, then its 20 templates, go; the kept
+    # batch's requests still run from its file's templates.
+    assert [n for _, n in maintenance.purge(pg_client.store, settings)] == [20, 20]
+    rt = schema.request_templates
+    assert count(pg_client, rt, rt.c.file_id == file_id) == 30
+    assert count(pg_client, rt, rt.c.file_id == other_file) == 0
+    token, claimed = pg_client.store.claim("m1", "m1", 100, 100, time.time())
+    started = pg_client.store.start([c.id for c in claimed], token, "w", time.time())
+    assert sorted(i.custom_id for i in started) == sorted(f"k{i}" for i in range(30))
+
+    pg_client.delete_batch(batch_id)
+    assert [n for _, n in maintenance.purge(pg_client.store, settings)] == [30, 30]
+    assert count(pg_client, rt, rt.c.file_id == file_id) == 0
