@@ -343,6 +343,32 @@ def test_without_gevent_a_message_runs_its_attempts_concurrently_within_c(
     assert set(states(client.store, batch_id).values()) == {"completed"}
 
 
+def test_attempts_sent_together_are_written_back_as_soon_as_the_last_is_in(
+    client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A chunk of results (one write-back) closes once every attempt added with its results
+    has finished: an attempt added later and still running neither holds the write-back for
+    the linger nor joins it (here it ends 1 s later, well inside a 10 s linger)."""
+    import threading
+
+    from fusillade_celery.cancel_watch import Attempts, CancelWatch
+
+    monkeypatch.setattr(Attempts, "LINGER_S", 10.0)
+    watch = CancelWatch(client.store, poll_s=60.0, concurrency=4)
+    late = threading.Event()
+    timer = threading.Timer(1.0, late.set)
+    timer.start()
+    chunks = []
+    with watch.attempts(flush_s=20.0) as attempts:
+        attempts.add([(f"a{i}", "batch", lambda i=i: i) for i in range(3)])
+        attempts.add([("late", "batch", lambda: "late" if late.wait(5) else "timed out")])
+        for chunk in attempts:
+            chunks.append(sorted((str(key), value) for key, value, _ in chunk))
+            late.set()
+    timer.cancel()
+    assert chunks == [[("a0", 0), ("a1", 1), ("a2", 2)], [("late", "late")]]
+
+
 @pytest.mark.parametrize("earlier_poll", ["none", "died"])
 def test_without_gevent_queued_attempts_of_a_cancelled_batch_never_reach_the_upstream(
     client: Client, settings: Settings, mock: MockUpstream, earlier_poll: str
