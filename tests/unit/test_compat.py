@@ -88,3 +88,31 @@ def test_psycopg_wait_under_gevent_is_cooperative_and_correct(pg_url: str) -> No
         """
     )
     assert_prints_ok(script)
+
+
+def test_numeric_addresses_resolve_inline_under_gevent_and_names_as_before() -> None:
+    script = textwrap.dedent(
+        """
+        from gevent import monkey; monkey.patch_all()
+        import socket
+        import gevent
+        from fusillade_celery.compat import resolve_numeric_addresses_inline
+        unpatched = socket.getaddrinfo("127.0.0.1", 8080, 0, socket.SOCK_STREAM)
+        resolve_numeric_addresses_inline()
+        resolve_numeric_addresses_inline()  # once only: the wrapper is not wrapped again
+        hub = gevent.get_hub()
+        assert hub.resolver._fusillade_patched and not hasattr(hub.resolver._resolver, "_resolver")
+        pool = hub.threadpool
+        used = pool.size
+        for host in ("127.0.0.1", "::1"):
+            got = socket.getaddrinfo(host, 8080, 0, socket.SOCK_STREAM)
+            assert got[0][4][:2] == (host, 8080), got
+        assert socket.getaddrinfo("127.0.0.1", 8080, 0, socket.SOCK_STREAM) == unpatched
+        assert pool.size == used  # no thread started for a numeric address
+        # Names (and service names) still go to the resolver.
+        assert socket.getaddrinfo("localhost", "http", 0, socket.SOCK_STREAM)[0][4][1] == 80
+        assert pool.size > used
+        print("ok")
+        """
+    )
+    assert_prints_ok(script)
