@@ -139,7 +139,10 @@ def nginx_upstream(latency_s: float = 0.0, call_log: Path | None = None) -> Iter
     module, answer = "", f"return 200 '{reply}';"
     if latency_s:
         module = f"load_module {ECHO_MODULE};"
-        answer = f"echo_read_request_body; echo_sleep {latency_s}; echo '{reply}';"
+        # The reply after the sleep comes from ``return`` (an internal redirect), as the
+        # instant upstream's does: with a Content-Length, as OpenAI-compatible servers send
+        # a completion, where ``echo`` would stream it chunked.
+        answer = f"echo_read_request_body; echo_sleep {latency_s}; echo_exec /_reply;"
     access_log = "access_log off;"
     if call_log is not None:
         access_log = (
@@ -164,6 +167,11 @@ http {{
     location / {{
       default_type application/json;
       {answer}
+    }}
+    location = /_reply {{
+      internal;
+      default_type application/json;
+      return 200 '{reply}';
     }}
   }}
 }}
