@@ -31,6 +31,7 @@ cannot block); every other name goes to the resolver as before.
 
 from __future__ import annotations
 
+import _socket
 import functools
 import os
 from typing import Any
@@ -114,10 +115,12 @@ def patch_gevent_waits() -> None:
     resolve_numeric_addresses_inline()
 
 
+#: getaddrinfo flags that make it parse, never look up (see 4.).
+_NUMERIC_ONLY = _socket.AI_NUMERICHOST | _socket.AI_NUMERICSERV
+
+
 class _NumericFirst:
     """gevent's resolver, with numeric addresses answered inline (see 4.)."""
-
-    _fusillade_patched = True
 
     def __init__(self, resolver: Any):
         self._resolver = resolver
@@ -128,11 +131,8 @@ class _NumericFirst:
     def getaddrinfo(
         self, host: Any, port: Any, family: int = 0, type: int = 0, proto: int = 0, flags: int = 0
     ) -> Any:
-        import _socket
-
-        numeric = flags | _socket.AI_NUMERICHOST | _socket.AI_NUMERICSERV
         try:
-            return _socket.getaddrinfo(host, port, family, type, proto, numeric)
+            return _socket.getaddrinfo(host, port, family, type, proto, flags | _NUMERIC_ONLY)
         except _socket.gaierror:  # a name to look up (or no such address): as before
             return self._resolver.getaddrinfo(host, port, family, type, proto, flags)
 
@@ -145,7 +145,7 @@ def resolve_numeric_addresses_inline() -> None:
 
     hub = gevent.get_hub()
     if type(hub.resolver) is Resolver:
-        hub.resolver = _NumericFirst(hub.resolver)
+        _install(hub, "resolver", _NumericFirst(hub.resolver))
 
 
 #: Longest psycopg_gevent_wait serves a connection whose socket keeps being ready (a large
