@@ -50,6 +50,7 @@ from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.exc import DBAPIError
 
 from . import schema as t
+from .db import writer_lock
 from .states import IN_FLIGHT, NOT_TERMINAL, TERMINAL, ErrorKind, RequestState
 
 S = RequestState
@@ -570,10 +571,12 @@ class Store:
         self._autocommit = (
             engine.execution_options(isolation_level="AUTOCOMMIT") if self.is_postgres else engine
         )
+        #: Held by every transaction (SQLite: the process's writers take turns; db.writer_lock).
+        self._writer = writer_lock(engine)
 
     @contextmanager
     def _tx(self) -> Iterator[Connection]:
-        with self.engine.begin() as conn:
+        with self._writer, self.engine.begin() as conn:
             yield conn
 
     @contextmanager
