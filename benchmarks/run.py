@@ -677,7 +677,7 @@ def run_memory(first: int, total: int, workers: int, concurrency: int, use_nginx
         env_extra = {"FUSILLADE_UPSTREAM_URL": url, "FUSILLADE_MODEL_LIMITS": "bench=1000"}
         with cluster(env_extra, workers, concurrency) as env:
             client = cluster_client(env)
-            marks = []
+            marks: list[dict[str, Any]] = []
             done = 0
             for size in (first, total - first):
                 src = write_input(Path(tmp) / f"in-{size}.jsonl", size)

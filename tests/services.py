@@ -68,9 +68,8 @@ def postgres_server() -> Iterator[str]:
     if _pg_ok(PG_ADMIN_URL):
         yield PG_ADMIN_URL
         return
-    bins = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb")) or (
-        [shutil.which("initdb")] if shutil.which("initdb") else []
-    )
+    on_path = shutil.which("initdb")
+    bins = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb")) or ([on_path] if on_path else [])
     if not bins:
         raise RuntimeError(
             "PostgreSQL is not reachable at 127.0.0.1:5432 and no server binaries were found: "

@@ -23,7 +23,7 @@ def test_ruff_lint_and_format() -> None:
     assert fmt.returncode == 0, fmt.stdout + fmt.stderr
 
 
-def test_mypy_is_clean_on_the_package() -> None:
+def test_mypy_is_clean_on_the_package_and_the_benchmark() -> None:
     res = _run("mypy")
     assert res.returncode == 0, res.stdout + res.stderr
 
