@@ -41,6 +41,8 @@ class Report:
     """What one message did; logged, and returned by the task for tests and Flower."""
 
     started: int = 0
+    #: Completed, failed and retrying count what was written; ``stale`` the ids skipped at
+    #: start and the results a row no longer awaited (reaped, cancelled, expired meanwhile).
     completed: int = 0
     failed: int = 0
     retrying: int = 0
@@ -103,19 +105,21 @@ def decide(item: WorkItem, outcome: upstream.Outcome, now: float, settings: Sett
 
 def _write(
     store: Store, finishes: list[Finish], now: float, target: HandOff | None
-) -> list[WorkItem]:
-    """Write a chunk back (``Store.finish``); the requests a hand-off started. A hand-off that
-    fails (a deadlock, a serialization error) is not worth the chunk's results: they are
-    written again without it."""
-    if target is None:
-        store.finish(finishes, now)
-        return []
+) -> tuple[list[Finish], list[WorkItem]]:
+    """Write a chunk back (``Store.finish``): the results written (all of them unless some
+    rows were taken from this message meanwhile) and the requests a hand-off started. A
+    hand-off that fails (a deadlock, a serialization error) is not worth the chunk's results:
+    they are written again without it."""
     try:
-        return store.finish(finishes, now, target).started
+        written = store.finish(finishes, now, target)
     except DBAPIError as exc:
+        if target is None:
+            raise
         log.warning("write-back with hand-off failed (%s); writing back without it", exc.orig)
-        store.finish(finishes, now)
-        return []
+        written = store.finish(finishes, now)
+    if written.changed < len(finishes):
+        return store.holding(finishes), written.started
+    return finishes, written.started
 
 
 def _count_and_retry(
@@ -211,10 +215,11 @@ def execute(
                 if hand_off is not None and freeing:
                     # A message's rows, and the rows handed to it, share one routed model.
                     target = hand_off.target(settings, ended[-1].routed_model, now, watch)
-                started = _write(store, finishes, now, target)
+                written, started = _write(store, finishes, now, target)
                 attempts.add(jobs(started))  # first: nothing below may strand them
                 report.handed_off += len(started)
-                _count_and_retry(finishes, now, report, schedule_retry)
+                report.stale += len(finishes) - len(written)
+                _count_and_retry(written, now, report, schedule_retry)
             if requests_ended is not None and ended:
                 _report_ended(requests_ended, ended, started)
     return report

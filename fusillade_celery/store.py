@@ -822,6 +822,23 @@ class Store:
         return Written(int(out[0]["changed"]), sorted(items, key=lambda i: i.id))
 
     @_on_disconnect_retry
+    def holding(self, results: Sequence[Finish]) -> list[Finish]:
+        """The results whose row holds what they wrote (their token and state): after a
+        write-back that changed fewer rows than it was given, which of them were written.
+        The others were stale (reaped, cancelled or expired meanwhile); counting them as done,
+        or scheduling their retries, would misreport the message. Off the hot path: a
+        write-back changes every row it is given unless one was taken from it."""
+        r = t.requests
+        with self._one() as conn:
+            rows = conn.execute(
+                select(r.c.id, r.c.claim_token, r.c.state).where(
+                    r.c.id.in_([f.id for f in results])
+                )
+            ).all()
+        now_held = {(i, token, state) for i, token, state in rows}
+        return [f for f in results if (f.id, f.token, f.state.value) in now_held]
+
+    @_on_disconnect_retry
     def _held(self, token: str) -> list[WorkItem]:
         """The rows a hand-off under ``token`` started (``finish``)."""
         with self._one() as conn:

@@ -4,6 +4,7 @@ fencing, outcomes, retries, limits, cancel, finalize and expiry. SQLite and Post
 from __future__ import annotations
 
 import json
+import threading
 import time
 from typing import Any
 
@@ -118,6 +119,33 @@ def test_stale_and_duplicate_messages_change_nothing(
         == 0
     )
     assert client.store.request_rows(batch_id)[0]["state"] == "completed"
+
+
+def test_a_result_whose_row_was_taken_meanwhile_is_reported_stale_not_done(
+    client: Client, settings: Settings, mock: MockUpstream
+) -> None:
+    """A row reaped (or cancelled, or expired) while its attempt runs refuses that attempt's
+    write-back. The message's report, which the worker logs and Flower shows, counts it as
+    stale rather than as done, and no retry goes out for a row that is not retrying."""
+    kept = client.submit_batch([line("kept")])
+    taken = client.submit_batch([line("taken", mock_stall_ms=1500, mock_statuses=[503])])
+    rec = Recorder()
+    claimer.claim_all(client.store, settings, rec.publish)
+    token = rec.messages[0][1]
+    ids = [i for _, _, chunk in rec.messages for i in chunk]
+    reports: list[Report] = []
+    worker = threading.Thread(
+        target=lambda: reports.append(run_message(client.store, settings, token, ids, rec))
+    )
+    worker.start()
+    wait_for(lambda: mock.state.by_custom_id.get("taken") == 1, 10, what="the stalled call")
+    assert client.store.requeue_in_flight(taken) == 1  # as the reaper would
+    worker.join(10)
+    report = reports[0]
+    assert (report.completed, report.retrying, report.stale) == (1, 0, 1)
+    assert rec.retries == []
+    assert states(client.store, kept) == {"kept": "completed"}
+    assert states(client.store, taken) == {"taken": "pending"}
 
 
 def test_outcomes_are_classified(client: Client, settings: Settings, mock: MockUpstream) -> None:
