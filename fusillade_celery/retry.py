@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import math
+
 from .settings import Settings
 
 
 def backoff_s(attempt: int, settings: Settings) -> float:
-    """``min(backoff_ms * backoff_factor ** attempt, max_backoff_ms)``, in seconds."""
-    delay_ms = min(settings.backoff_ms * settings.backoff_factor**attempt, settings.max_backoff_ms)
-    return max(delay_ms, 0) / 1000.0
+    """``min(backoff_ms * backoff_factor ** attempt, max_backoff_ms)``, in seconds. A float
+    power overflows long before a retry budget runs out (2.0 ** 1024, 3.0 ** 647 with the
+    default 1,000 retries), and the cap is what such a delay is anyway."""
+    try:
+        grown = settings.backoff_ms * settings.backoff_factor**attempt
+    except OverflowError:
+        grown = math.inf
+    return max(min(grown, settings.max_backoff_ms), 0) / 1000.0
 
 
 def retry_delay(attempt: int, now: float, deadline: float, settings: Settings) -> float | None:

@@ -19,6 +19,14 @@ def test_backoff_follows_the_formula_and_is_capped(attempt: int, expected: float
     assert backoff_s(attempt, S) == expected
 
 
+def test_backoff_is_the_cap_where_the_power_overflows_a_float() -> None:
+    """3.0 ** 647 overflows: with the default 1,000 retries a request that is retried for
+    long enough reaches it, and its message must still get a delay, not crash."""
+    many = S.replace(backoff_factor=3.0, max_retries=5000)
+    assert backoff_s(647, many) == 10.0
+    assert retry_delay(4999, 0, 1e9, many) == 10.0
+
+
 def test_retry_denied_when_budget_spent() -> None:
     assert retry_delay(4, 0, 1e9, S) == 10.0
     assert retry_delay(5, 0, 1e9, S) is None
