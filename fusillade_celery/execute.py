@@ -21,7 +21,7 @@ from .cancel_watch import Aborted, Attempts, CancelWatch, Job
 from .retry import retry_delay
 from .settings import Settings
 from .states import RequestState
-from .store import Finish, HandOff, Store, WorkItem
+from .store import Finish, HandOff, Store, WorkItem, Written
 
 log = logging.getLogger(__name__)
 
@@ -103,23 +103,30 @@ def decide(item: WorkItem, outcome: upstream.Outcome, now: float, settings: Sett
     return Finish(item.id, item.token, RequestState.FAILED, outcome.status, outcome.body, error)
 
 
-def _write(
-    store: Store, finishes: list[Finish], now: float, target: HandOff | None
-) -> tuple[list[Finish], list[WorkItem]]:
-    """Write a chunk back (``Store.finish``): the results written (all of them unless some
-    rows were taken from this message meanwhile) and the requests a hand-off started. A
-    hand-off that fails (a deadlock, a serialization error) is not worth the chunk's results:
-    they are written again without it."""
+def _write(store: Store, finishes: list[Finish], now: float, target: HandOff | None) -> Written:
+    """Write a chunk back (``Store.finish``). A hand-off that fails (a deadlock, a
+    serialization error) is not worth the chunk's results: they are written again without
+    it."""
     try:
-        written = store.finish(finishes, now, target)
+        return store.finish(finishes, now, target)
     except DBAPIError as exc:
         if target is None:
             raise
         log.warning("write-back with hand-off failed (%s); writing back without it", exc.orig)
-        written = store.finish(finishes, now)
-    if written.changed < len(finishes):
-        return store.holding(finishes), written.started
-    return finishes, written.started
+        return store.finish(finishes, now)
+
+
+def _written(store: Store, finishes: list[Finish], written: Written) -> list[Finish]:
+    """The results the write-back wrote: all of them, unless some rows were taken from this
+    message meanwhile (then ``Store.holding`` tells which). Only the report and the retries
+    depend on it, so a database error here costs the exact count, not the message."""
+    if written.changed >= len(finishes):
+        return finishes
+    try:
+        return store.holding(finishes)
+    except DBAPIError as exc:
+        log.warning("could not tell which results were stale (%s); counting them all", exc.orig)
+        return finishes
 
 
 def _count_and_retry(
@@ -215,11 +222,13 @@ def execute(
                 if hand_off is not None and freeing:
                     # A message's rows, and the rows handed to it, share one routed model.
                     target = hand_off.target(settings, ended[-1].routed_model, now, watch)
-                written, started = _write(store, finishes, now, target)
+                written = _write(store, finishes, now, target)
+                started = written.started
                 attempts.add(jobs(started))  # first: nothing below may strand them
                 report.handed_off += len(started)
-                report.stale += len(finishes) - len(written)
-                _count_and_retry(written, now, report, schedule_retry)
+                done = _written(store, finishes, written)
+                report.stale += len(finishes) - len(done)
+                _count_and_retry(done, now, report, schedule_retry)
             if requests_ended is not None and ended:
                 _report_ended(requests_ended, ended, started)
     return report
