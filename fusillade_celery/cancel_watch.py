@@ -9,7 +9,8 @@ request did not finish cleanly, so the upstream sees the socket close at once. O
 pool of the worker's ``-c``, watched by one daemon thread per process that runs the same poll;
 a thread cannot be interrupted, so there the attempts of a cancelled batch that have not
 started by the next poll are skipped (they never reach the upstream), and a running one's
-result is discarded by the fenced write-back.
+result is discarded by the fenced write-back. In both, an attempt that waited for a ``-c``
+slot asks again before its call unless a poll began within ``CancelWatch.FRESH_S``.
 """
 
 from __future__ import annotations
@@ -43,6 +44,14 @@ class Aborted(Exception):
 
 
 class CancelWatch:
+    #: How old, at most, what an attempt knows of cancellations may be when it starts its
+    #: call. An attempt that starts as soon as its start statement returns knows enough (that
+    #: statement skips cancelled rows). One that waited for a ``-c`` slot asks again unless
+    #: a poll began within this long: a wait may be long, and the poll interval (5 s by
+    #: default) let calls of a batch cancelled meanwhile start. One query per this interval
+    #: at most, shared by every attempt that gets a slot in it.
+    FRESH_S = 0.1
+
     def __init__(self, store: Store, poll_s: float, concurrency: int = 64):
         self.store = store
         self.poll_s = max(poll_s, 0.01)  # a zero interval would spin on the database
@@ -54,6 +63,9 @@ class CancelWatch:
         self._lock = threading.Lock()
         self._watcher: Any = None  # the watcher greenlet or thread
         self._pool: ThreadPoolExecutor | None = None
+        #: When (monotonic) the query of the latest poll that answered began.
+        self._polled_at = -1e9
+        self._poll_lock = threading.Lock()  # one poll at a time (a gevent lock when patched)
 
     def attempts(self, flush_s: float) -> Attempts[T]:
         """A set of attempts that yields their results in chunks as they finish:
@@ -81,8 +93,40 @@ class CancelWatch:
         pool = self._pool
         return pool is not None and pool._work_queue.qsize() > 0
 
-    def _unless_cancelled(self, batch_id: str, fn: Callable[[], T]) -> T | Aborted:
+    def _unless_cancelled(self, batch_id: str, fn: Callable[[], T], since: float) -> T | Aborted:
+        """Run the attempt unless its batch is cancelled, as known at ``since`` (monotonic:
+        when its start statement ran) or by a later poll; older than ``FRESH_S``, ask."""
+        if time.monotonic() - max(since, self._polled_at) > self.FRESH_S:
+            self._poll_now()
         return Aborted(batch_id) if batch_id in self.cancelled else fn()
+
+    def _poll_now(self) -> None:
+        """Refresh ``cancelled`` unless a poll began after this was asked (then its answer is
+        as fresh): attempts that get their slots together share one query."""
+        asked = time.monotonic()
+        with self._poll_lock:
+            if self._polled_at >= asked:
+                return
+            self._poll()
+
+    def _poll(self) -> set[str] | None:
+        """Which batches of the attempts in flight are cancelled (None: nothing in flight or
+        the query failed; the last answer stands)."""
+        began = time.monotonic()
+        with self._lock:
+            batches = set(self._inflight.values())
+        if not batches:
+            return None
+        try:
+            cancelled = self.store.cancelled_among(batches)
+        except Exception as exc:  # noqa: BLE001 - the next poll asks again
+            log.warning("cancel poll failed: %s", exc)
+            return None
+        # Replaced, not grown: a cancelled batch stays cancelled, so while it has attempts in
+        # flight every poll finds it again.
+        self.cancelled = cancelled
+        self._polled_at = max(self._polled_at, began)
+        return cancelled
 
     def _executor(self) -> ThreadPoolExecutor:
         with self._lock:
@@ -92,9 +136,9 @@ class CancelWatch:
                 )
             return self._pool
 
-    def _limited(self, batch_id: str, fn: Callable[[], T]) -> T | Aborted:
+    def _limited(self, batch_id: str, fn: Callable[[], T], since: float) -> T | Aborted:
         with self._slots():
-            return self._unless_cancelled(batch_id, fn)
+            return self._unless_cancelled(batch_id, fn, since)
 
     def _slots(self) -> Any:
         if self._semaphore is None:
@@ -135,14 +179,8 @@ class CancelWatch:
                     self._watcher = None
                     self.cancelled = set()
                     return
-            try:
-                cancelled = self.store.cancelled_among({b for _, b in inflight})
-            except Exception as exc:
-                log.warning("cancel poll failed: %s", exc)
-                continue
-            # Replaced, not grown: a cancelled batch stays cancelled, so while it has
-            # attempts in flight every poll finds it again.
-            self.cancelled = cancelled
+            with self._poll_lock:
+                cancelled = self._poll()
             if not cancelled or not kill:
                 continue
             victims = [g for g, b in inflight if b in cancelled and not g.dead]
@@ -193,8 +231,9 @@ class Attempts(Generic[T]):
         self._groups += 1
         group = self._groups
         self._unfinished[group] = len(jobs)
+        since = time.monotonic()  # added as their start statement returns (execute.execute)
         for key, batch_id, fn in jobs:
-            handle = self._start(batch_id, fn)
+            handle = self._start(batch_id, fn, since)
             self.watch._inflight[handle] = batch_id
             self._pending[handle] = (key, batch_id, group)
         self.watch._ensure_watcher()
@@ -232,7 +271,7 @@ class Attempts(Generic[T]):
     # What a pool provides: start a job (its handle is put on the pool's queue of finished
     # jobs when it ends), take the next finished one, read its result, stop an unfinished one.
 
-    def _start(self, batch_id: str, fn: Callable[[], T]) -> Any:
+    def _start(self, batch_id: str, fn: Callable[[], T], since: float) -> Any:
         raise NotImplementedError
 
     def _finished_within(self, timeout: float | None) -> Any:
@@ -274,10 +313,10 @@ class _GreenletAttempts(Attempts[T]):
         super().__init__(watch, flush_s)
         self._finished: Any = Queue()  # finished greenlets, put by their link callback
 
-    def _start(self, batch_id: str, fn: Callable[[], T]) -> Any:
+    def _start(self, batch_id: str, fn: Callable[[], T], since: float) -> Any:
         import gevent
 
-        g = gevent.spawn(self.watch._limited, batch_id, fn)
+        g = gevent.spawn(self.watch._limited, batch_id, fn, since)
         g.link(self._finished.put_nowait)
         return g
 
@@ -308,8 +347,8 @@ class _ThreadAttempts(Attempts[T]):
         super().__init__(watch, flush_s)
         self._finished: queue.SimpleQueue[Future[T | Aborted]] = queue.SimpleQueue()
 
-    def _start(self, batch_id: str, fn: Callable[[], T]) -> Any:
-        future = self.watch._executor().submit(self.watch._unless_cancelled, batch_id, fn)
+    def _start(self, batch_id: str, fn: Callable[[], T], since: float) -> Any:
+        future = self.watch._executor().submit(self.watch._unless_cancelled, batch_id, fn, since)
         future.add_done_callback(self._finished.put)
         return future
 

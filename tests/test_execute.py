@@ -4,6 +4,9 @@ fencing, outcomes, retries, limits, cancel, finalize and expiry. SQLite and Post
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 from typing import Any
@@ -434,6 +437,86 @@ def test_without_gevent_queued_attempts_of_a_cancelled_batch_never_reach_the_ups
     assert reports[0].aborted == 3
     assert set(states(client.store, batch_id).values()) == {"canceled"}
     wait_for(lambda: watch._watcher is None, what="the idle cancel poll to end")
+
+
+def test_an_attempt_that_waited_for_its_slot_asks_whether_its_batch_was_cancelled(
+    client: Client, settings: Settings, mock: MockUpstream
+) -> None:
+    """DESIGN.md invariant 6 with the default 5 s cancel poll: with -c 1, three of a message's
+    four slow requests wait for the slot when their batch is cancelled. Each asks once it gets
+    the slot (what it knew is older than CancelWatch.FRESH_S), so none is sent, long before
+    the next poll."""
+    from fusillade_celery.cancel_watch import CancelWatch
+
+    batch_id = client.submit_batch([line(f"q{i}", mock_latency_ms=600) for i in range(4)])
+    token, rows = client.store.claim("m1", "m1", 100, 100, time.time())
+    watch = CancelWatch(client.store, poll_s=5.0, concurrency=1)
+    reports: list[Report] = []
+    runner = threading.Thread(
+        target=lambda: reports.append(
+            run_message(
+                client.store, settings, token, [r.id for r in rows], Recorder(), watch=watch
+            )
+        )
+    )
+    runner.start()
+    wait_for(lambda: mock.state.calls == 1, what="the first call to start")
+    client.cancel_batch(batch_id)
+    runner.join(timeout=4)  # less than the poll interval
+    assert not runner.is_alive()
+    assert mock.state.calls == 1, "waiting attempts of a cancelled batch were sent"
+    assert reports[0].aborted == 3
+    assert set(states(client.store, batch_id).values()) == {"canceled"}
+
+
+def test_under_gevent_an_attempt_that_waited_for_its_slot_is_not_sent_once_cancelled(
+    pg_url: str, mock: MockUpstream
+) -> None:
+    """The same as a worker runs it (gevent, -c 1, the default 5 s poll), in an interpreter of
+    its own: the three requests waiting for the slot when the batch is cancelled are never
+    sent, and the message ends well before the next poll."""
+    script = textwrap.dedent(
+        f"""
+        from gevent import monkey; monkey.patch_all()
+        import time, gevent, requests
+        from fusillade_celery.compat import patch_gevent_waits
+        patch_gevent_waits()
+        from fusillade_celery.cancel_watch import CancelWatch
+        from fusillade_celery.execute import execute
+        from fusillade_celery.settings import Settings
+        from fusillade_celery.submit import Client
+        from fusillade_celery.upstream import get_session
+        settings = Settings().replace(
+            database_url={pg_url!r}, upstream_url={mock.url!r}, timeout_ms=5000
+        )
+        client = Client(settings)
+        body = {{"model": "m1", "messages": [], "mock_latency_ms": 600}}
+        lines = [
+            {{"custom_id": f"q{{i}}", "method": "POST", "url": "/v1/chat/completions",
+              "body": body}}
+            for i in range(4)
+        ]
+        batch_id = client.submit_batch(lines)
+        token, rows = client.store.claim("m1", "m1", 100, 100, time.time())
+        watch = CancelWatch(client.store, poll_s=5.0, concurrency=1)
+        t0 = time.monotonic()
+        run = gevent.spawn(
+            execute, client.store, settings, get_session(), token, [r.id for r in rows],
+            "w1", lambda *a: None, watch,
+        )
+        stats = {mock.url!r} + "/_mock/stats"
+        while requests.get(stats, timeout=5).json()["calls"] < 1:
+            gevent.sleep(0.01)  # until the first call runs; three wait for the slot
+        client.cancel_batch(batch_id)
+        report = run.get(timeout=4)
+        states = {{r["state"] for r in client.store.request_rows(batch_id)}}
+        print(report.aborted, sorted(states), time.monotonic() - t0 < 4.5)
+        """
+    )
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["3", "['canceled']", "True"]
+    assert mock.state.calls == 1, "waiting attempts of a cancelled batch were sent"
 
 
 def test_write_back_keeps_bodies_and_errors_exactly(client: Client, settings: Settings) -> None:
