@@ -13,6 +13,7 @@ import os
 import socket
 import threading
 import time
+import uuid
 
 from .settings import Settings
 from .store import Store
@@ -20,9 +21,22 @@ from .store import Store
 log = logging.getLogger(__name__)
 
 
+#: This process's id, per pid (a forked child gets its own).
+_IDS: dict[int, str] = {}
+
+
 def worker_id() -> str:
-    """``host:pid`` of this process: what ``requests.worker_id`` records while processing."""
-    return f"{socket.gethostname()}:{os.getpid()}"
+    """``host:pid:nonce`` of this process: what ``requests.worker_id`` records while
+    processing. The nonce, new in every process, is why: a container restarted after a crash
+    keeps its hostname and often its pid (1), and with ``host:pid`` alone its first heartbeat
+    marked the dead predecessor's row alive again, so the predecessor's requests held the
+    model's slots until the processing timeout (10 min) instead of the stale-worker
+    threshold (30 s)."""
+    pid = os.getpid()
+    wid = _IDS.get(pid)
+    if wid is None:
+        wid = _IDS[pid] = f"{socket.gethostname()}:{pid}:{uuid.uuid4().hex[:8]}"
+    return wid
 
 
 class Heartbeat:
