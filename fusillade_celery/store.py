@@ -1038,9 +1038,14 @@ class Store:
 
     @_on_disconnect_retry
     def expire_batches(self, now: float, grace_s: float) -> list[str]:
-        """Batches past ``expires_at + grace_s``: unfinished requests fail ``batch_expired``
-        (finished results are kept) and the batch reads ``expired``."""
+        """Batches past ``expires_at + grace_s`` with requests unfinished: those fail
+        ``batch_expired`` (finished results are kept) and the batch reads ``expired``. A batch
+        whose requests all finished in time is left to the finalizer (``completed``), however
+        late its finalize pass comes."""
         r, b = t.requests, t.batches
+        unfinished = exists(
+            select(r.c.id).where(r.c.batch_id == b.c.id, r.c.state.in_(_NOT_TERMINAL))
+        )
         expired: list[str] = []
         error = json.dumps(
             {"kind": ErrorKind.BATCH_EXPIRED.value, "detail": "batch expired before completion"}
@@ -1050,7 +1055,10 @@ class Store:
                 conn.execute(
                     select(b.c.id)
                     .where(
-                        _ACTIVE_BATCH, b.c.cancelling_at.is_(None), b.c.expires_at + grace_s <= now
+                        _ACTIVE_BATCH,
+                        b.c.cancelling_at.is_(None),
+                        b.c.expires_at + grace_s <= now,
+                        unfinished,
                     )
                     .with_for_update(of=b)  # against a concurrent finalizer
                 )
@@ -1241,7 +1249,10 @@ class Store:
 
     @_on_disconnect_retry
     def cancelled_among(self, batch_ids: Iterable[str]) -> set[str]:
-        """Which of these batches have been cancelled (or deleted): the abort poll."""
+        """Which of these batches have been cancelled, deleted or expired: the abort poll.
+        Expired too: expiry fails the in-flight rows, which frees their slots at once, so a
+        call still running would be one more than the model's limit (and its result is
+        fenced out anyway)."""
         b = t.batches
         ids = list(set(batch_ids))
         if not ids:
@@ -1250,7 +1261,11 @@ class Store:
             rows = conn.execute(
                 select(b.c.id).where(
                     b.c.id.in_(ids),
-                    or_(b.c.cancelling_at.is_not(None), b.c.deleted_at.is_not(None)),
+                    or_(
+                        b.c.cancelling_at.is_not(None),
+                        b.c.deleted_at.is_not(None),
+                        b.c.expired_at.is_not(None),
+                    ),
                 )
             ).scalars()
             return set(rows)

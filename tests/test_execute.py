@@ -295,6 +295,34 @@ def test_expiry_keeps_finished_results_and_fails_the_rest(
     assert report.started == 0
 
 
+def test_a_batch_finished_before_its_deadline_reads_completed_when_finalized_late(
+    client: Client, settings: Settings
+) -> None:
+    """Every request ended in time, but no finalize pass ran before the deadline (beat down,
+    its tick queued behind busy workers): the batch is completed, not expired."""
+    batch_id = client.submit_batch([line("a"), line("b")], completion_window="1s")
+    rec = Recorder()
+    claimer.claim_all(client.store, settings, rec.publish)
+    run_claimed(client.store, settings, rec)
+    result = maintenance.finalize(client.store, settings, now=time.time() + 5)
+    assert result["expired"] == []
+    assert client.get_batch(batch_id)["status"] == "completed"
+
+
+def test_an_expired_batch_is_aborted_like_a_cancelled_one(
+    client: Client, settings: Settings
+) -> None:
+    """Expiry fails a batch's in-flight rows, which frees their slots for other batches at
+    once; the abort poll then stops their calls too, so the upstream never sees more than the
+    model's limit."""
+    batch_id = client.submit_batch([line("slow")], completion_window="1s")
+    client.store.claim("m1", "m1", limit=10, batch_size=10, now=time.time())
+    assert client.store.cancelled_among([batch_id]) == set()
+    maintenance.finalize(client.store, settings, now=time.time() + 2)
+    assert client.get_batch(batch_id)["status"] == "expired"
+    assert client.store.cancelled_among([batch_id]) == {batch_id}
+
+
 def test_cancel_stops_new_sends(client: Client, settings: Settings, mock: MockUpstream) -> None:
     batch_id = client.submit_batch([line(f"r{i}") for i in range(4)])
     rec = Recorder()
@@ -322,6 +350,28 @@ def test_reaper_returns_orphans_with_a_new_token(client: Client, settings: Setti
     assert token2 != token
     rec = Recorder()
     assert run_message(client.store, settings, token, [claimed[0].id], rec).started == 0
+
+
+def test_a_worker_restarted_with_the_same_host_and_pid_does_not_hide_its_dead_predecessor(
+    client: Client, settings: Settings
+) -> None:
+    """A container restarted after a crash keeps its hostname and often its pid (1). The new
+    process's heartbeat must not stand for the old one: the crashed worker's requests go back
+    to pending once its last heartbeat is older than the stale threshold, not only after the
+    processing timeout."""
+    from fusillade_celery import workers
+
+    client.submit_batch([line("a"), line("b")])
+    t0 = time.time()
+    crashed = workers.worker_id()
+    client.store.heartbeat(crashed, "host", 1, "model.m1", t0)
+    token, rows = client.store.claim("m1", "m1", limit=5, batch_size=5, now=t0)
+    assert len(client.store.start([r.id for r in rows], token, crashed, t0)) == 2
+    workers._IDS.clear()  # what a new interpreter with the same pid starts from
+    restarted = workers.worker_id()
+    assert restarted != crashed
+    client.store.heartbeat(restarted, "host", 1, "model.m1", t0 + 10)
+    assert client.store.reap(t0 + 40, 60, 600, stale_worker_s=30) == 2
 
 
 def test_a_batch_is_finalized_right_after_its_last_write_back(
