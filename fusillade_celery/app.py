@@ -19,7 +19,7 @@ from .compat import patch_gevent_waits, patch_kombu_redis_reconnect
 from .db import get_engine
 from .queues import CONTROL_QUEUE, direct_queue
 from .schedule import beat_schedule
-from .settings import MEMORY_BROKER, Settings
+from .settings import MEMORY_BROKER, ConfigError, Settings
 from .store import Store
 
 patch_kombu_redis_reconnect()
@@ -172,4 +172,23 @@ def _stop_heartbeat(**_: Any) -> None:
     workers.stop()
 
 
-configure()
+@signals.celeryd_init.connect
+@signals.beat_init.connect
+def _require_settings(**_: Any) -> None:
+    """A worker or beat never runs on Celery's defaults: settings that did not parse at
+    import (``_configure_at_import``) fail its start-up here, naming the variable."""
+    get_settings()
+
+
+def _configure_at_import() -> None:
+    """Configure from the environment as the package is imported (``celery -A`` imports it
+    before anything else runs), but leave a bad setting to be reported where it is used:
+    raised here, it was a traceback before the CLI could print its one-line error (every
+    CLI command imports the package), even for ``--help``."""
+    try:
+        configure()
+    except ConfigError:
+        _current.clear()  # get_settings() parses again and raises the same error
+
+
+_configure_at_import()

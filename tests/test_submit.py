@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -247,6 +250,29 @@ def test_cli_bad_configuration_is_one_line(
         .err.strip()
         .startswith("fusillade-celery: error: configuration: FUSILLADE_MODEL_LIMITS")
     )
+
+
+def test_cli_bad_configuration_is_one_line_in_a_fresh_process(tmp_path: Path) -> None:
+    """As a user meets it: the package is imported (and configured from the environment)
+    before the CLI's error handling runs; the bad setting still comes out as one line."""
+    env = {**os.environ, "FUSILLADE_MODEL_LIMITS": "gpt-4:8"}
+    for args in (["status", "batch_x"], ["--help"]):
+        res = subprocess.run(
+            [sys.executable, "-m", "fusillade_celery.cli", *args],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        if args == ["--help"]:
+            assert res.returncode == 0 and "usage:" in res.stdout
+            continue
+        assert res.returncode == 2
+        assert res.stderr.strip().splitlines() == [
+            "fusillade-celery: error: configuration: FUSILLADE_MODEL_LIMITS: expected "
+            "name=value, got 'gpt-4:8'"
+        ]
 
 
 def test_pollers_may_take_cached_counts_but_a_finished_batch_reads_final_ones(
