@@ -13,6 +13,7 @@ import os
 from typing import Any
 
 from celery import Celery, signals
+from kombu import pools as kombu_pools
 
 from .cancel_watch import gevent_active
 from .compat import patch_gevent_waits, patch_kombu_redis_reconnect
@@ -67,17 +68,21 @@ def configure(settings: Settings | None = None) -> Settings:
     app.conf.update(celery_config(settings))
     _apply_overrides()
     if previous is not None and previous.broker_url != settings.broker_url:
-        _drop_broker_connections()
+        reset_broker_connections()
     return settings
 
 
-def _drop_broker_connections() -> None:
+def reset_broker_connections() -> None:
     """Celery caches its producer pool on first publish; after the broker URL changes (one
     process embedding a run after using a server broker, as tests do) publishes would still go
-    to the old broker. Celery's own after-fork hook resets the same two attributes."""
+    to the old broker, and after an embedded run's worker stopped (which closes the pool) they
+    failed ("Acquire on closed pool"). Celery's own after-fork hook resets the same two
+    attributes; kombu's registries of pools per connection are emptied too, or the closed
+    pool is what the next lookup of the same broker URL finds."""
     if app._pool is not None:
         app._pool.force_close_all()
     app._pool = None
+    kombu_pools.reset()
     amqp = app.__dict__.get("amqp")
     if amqp is not None:
         amqp._producer_pool = None

@@ -91,7 +91,20 @@ def _default_paths(input_path: Path, output: str | None, errors: str | None) -> 
     stem = input_path.name.removesuffix(".jsonl")
     out = Path(output) if output else input_path.with_name(f"{stem}.output.jsonl")
     err = Path(errors) if errors else input_path.with_name(f"{stem}.errors.jsonl")
+    for path in (out, err):
+        # Checked before the run, not after it: a typo must not cost a batch's results.
+        if not path.parent.is_dir():
+            raise CliError(f"no such directory for {path}: {path.parent}", EXIT_INPUT)
     return out, err
+
+
+def _metadata(pairs: list[str] | None) -> dict[str, str] | None:
+    if not pairs:
+        return None
+    bad = [kv for kv in pairs if "=" not in kv]
+    if bad:
+        raise CliError(f"--metadata expects key=value, got {bad[0]!r}", EXIT_INPUT)
+    return dict(kv.split("=", 1) for kv in pairs)
 
 
 def _write_results(client: Any, batch_id: str, out: Path, err: Path) -> tuple[int, int]:
@@ -166,7 +179,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     client = _client(settings)
     batch_id = None
     if settings.embedded and not args.fresh:
-        batch_id = client.store.find_resumable_batch(_file_sha256(input_path), args.upstream)
+        # As submit stores it (no trailing slash), or a re-run never finds its batch.
+        upstream = args.upstream.rstrip("/") if args.upstream else args.upstream
+        batch_id = client.store.find_resumable_batch(_file_sha256(input_path), upstream)
         if batch_id:
             print(f"resuming {batch_id} (same input; --fresh starts over)", file=sys.stderr)
     if batch_id is None:
@@ -200,7 +215,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_submit(args: argparse.Namespace) -> int:
     client = _client(_settings())
-    metadata = dict(kv.split("=", 1) for kv in args.metadata) if args.metadata else None
+    metadata = _metadata(args.metadata)
     batch_id = client.submit_batch(
         Path(args.input),
         completion_window=args.completion_window,

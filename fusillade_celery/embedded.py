@@ -18,7 +18,7 @@ from celery import worker as celery_worker
 from celery.worker import state as worker_state
 
 from . import claimer, maintenance, upstream
-from .app import app, configure
+from .app import app, configure, reset_broker_connections
 from .queues import CONTROL_QUEUE, direct_queue, queue_for_model
 from .settings import MEMORY_BROKER, Settings
 from .states import TERMINAL_BATCH, BatchStatus
@@ -113,6 +113,9 @@ def run_batch(
     ``stop`` ends the run as Ctrl-C does (KeyboardInterrupt) at the next tick."""
     settings = client.settings
     configure(embedded_settings(settings))
+    # A fresh producer pool: the worker of an earlier run in this process closed its pool
+    # when it stopped (a notebook, a script running two batches).
+    reset_broker_connections()
     app.conf.broker_transport_options = {"polling_interval": 0.005}
     store = client.store
     requeued = store.requeue_in_flight(batch_id)

@@ -12,6 +12,7 @@ import sys
 import threading
 from pathlib import Path
 
+import pytest
 from sqlalchemy import event
 
 from fusillade_celery.db import get_engine
@@ -49,6 +50,24 @@ def test_run_batch_in_process(sqlite_url: str, mock: MockUpstream) -> None:
     assert mock.state.by_custom_id["flaky"] == 3
     assert seen == sorted(seen) and seen[-1] == 41
     assert mock.state.peak["a"] <= 4 and mock.state.peak["b"] <= 2
+
+
+def test_two_batches_run_one_after_the_other_in_one_process(
+    sqlite_url: str, mock: MockUpstream, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A script that runs a second batch in the same process (``cli.main`` twice): the first
+    run's worker closed its broker connections when it stopped, and the second run must not
+    publish through them ("Acquire on closed pool")."""
+    from fusillade_celery.cli import main
+
+    monkeypatch.setenv("FUSILLADE_DATABASE_URL", sqlite_url)
+    monkeypatch.setenv("FUSILLADE_UPSTREAM_URL", mock.url)
+    monkeypatch.delenv("FUSILLADE_BROKER_URL", raising=False)
+    for n in (1, 2):
+        src = tmp_path / f"in{n}.jsonl"
+        src.write_text("".join(json.dumps(line(f"run{n}-{i}")) + "\n" for i in range(5)))
+        assert main(["run", "-q", str(src)]) == 0
+    assert mock.state.calls == 10
 
 
 def _start_mock(*flags: str) -> tuple[subprocess.Popen[str], str]:

@@ -240,6 +240,39 @@ def test_cli_submit_status_results_cancel(
     assert "no batch 'batch_nope'" in capsys.readouterr().err
 
 
+def test_cli_run_again_resumes_whatever_the_upstream_trailing_slash(
+    cli_env: Client, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--upstream http://host/`` is stored without its slash; the re-run that resumes an
+    interrupted batch must look it up the same way, or it sends every request again."""
+    path = tmp_path / "ok.jsonl"
+    path.write_bytes(jsonl(line("a")))
+    upstream = cli_env.settings.upstream_url + "/"
+    assert main(["run", "-q", str(path), "--upstream", upstream]) == 0
+    capsys.readouterr()
+    assert main(["run", "-q", str(path), "--upstream", upstream]) == 0
+    assert "resuming batch_" in capsys.readouterr().err
+    assert row_counts(cli_env)["batches"] == 1
+
+
+def test_cli_usage_mistakes_are_one_line_before_anything_is_created(
+    cli_env: Client, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "ok.jsonl"
+    path.write_bytes(jsonl(line("a")))
+    assert main(["submit", str(path), "--metadata", "foo"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "fusillade-celery: error: --metadata expects key=value, got 'foo'"
+    ]
+    # checked before the run, not after it has done the work
+    out = tmp_path / "nodir" / "out.jsonl"
+    assert main(["run", str(path), "--output", str(out)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"fusillade-celery: error: no such directory for {out}: {out.parent}"
+    ]
+    assert row_counts(cli_env)["batches"] == 0
+
+
 def test_cli_bad_configuration_is_one_line(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
