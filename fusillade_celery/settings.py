@@ -48,6 +48,16 @@ def _int(raw: str) -> int:
     return int(raw.replace("_", ""))
 
 
+def _positive(raw: str) -> int:
+    """An int of at least 1: a limit, a size, a cadence or a timeout of 0 would not mean
+    "none" or "off" but a run that waits for ever without a word (a limit of 0 claims
+    nothing)."""
+    value = _int(raw)
+    if value < 1:
+        raise ValueError(f"must be >= 1, got {value}")
+    return value
+
+
 def _float(raw: str) -> float:
     return float(raw)
 
@@ -143,11 +153,11 @@ class Settings:
     upstream_api_key: str = _env(_str, "", "API key for the default upstream")
     routes: dict[str, Route] = _env(_routes, {}, "per-model routes: JSON or @file")
     model_limits: dict[str, int] = _env(_model_limits, {}, "max in flight per model: gpt-4=8,b=3")
-    default_model_limit: int = _env(_int, 10, "limit for models not in model_limits")
-    claim_interval_ms: int = _env(_int, 1000, "beat cadence of the claimer")
-    claim_batch_size: int = _env(_int, 100, "most rows claimed per model per run")
+    default_model_limit: int = _env(_positive, 10, "limit for models not in model_limits")
+    claim_interval_ms: int = _env(_positive, 1000, "beat cadence of the claimer")
+    claim_batch_size: int = _env(_positive, 100, "most rows claimed per model per run")
     requests_per_message: int = _env(
-        _int, 64, "most requests in one execute message (and at most the consumers' -c)"
+        _positive, 64, "most requests in one execute message (and at most the consumers' -c)"
     )
     handoff_window_ms: int = _env(
         _int, 30000, "a message hands its freed slots to pending requests this long (0: never)"
@@ -157,14 +167,14 @@ class Settings:
     backoff_ms: int = _env(_int, 1000, "first retry delay")
     backoff_factor: float = _env(_float, 2.0, "growth of the retry delay per attempt")
     max_backoff_ms: int = _env(_int, 10000, "cap of the retry delay")
-    timeout_ms: int = _env(_int, 600000, "timeout of one upstream attempt")
+    timeout_ms: int = _env(_positive, 600000, "timeout of one upstream attempt")
     retry_statuses: frozenset[int] = _env(
         _statuses, _statuses("5xx,429,408,404"), "HTTP statuses that are retried"
     )
-    claim_timeout_ms: int = _env(_int, 60000, "claimed longer than this -> back to pending")
-    processing_timeout_ms: int = _env(_int, 600000, "processing longer than this -> pending")
-    heartbeat_interval_ms: int = _env(_int, 5000, "worker heartbeat cadence")
-    stale_worker_threshold_ms: int = _env(_int, 30000, "heartbeat older than this = dead worker")
+    claim_timeout_ms: int = _env(_positive, 60000, "claimed longer than this -> back to pending")
+    processing_timeout_ms: int = _env(_positive, 600000, "processing longer than this -> pending")
+    heartbeat_interval_ms: int = _env(_positive, 5000, "worker heartbeat cadence")
+    stale_worker_threshold_ms: int = _env(_positive, 30000, "heartbeat older than this = dead worker")
     cancellation_poll_interval_ms: int = _env(
         _int,
         5000,
@@ -174,12 +184,12 @@ class Settings:
         _csv, ("id", "endpoint", "created_at", "completion_window"), "x-fusillade-batch-* headers"
     )
     purge_interval_ms: int = _env(_int, 600000, "purge cadence (0 disables)")
-    purge_batch_size: int = _env(_int, 1000, "rows deleted per purge chunk")
+    purge_batch_size: int = _env(_positive, 1000, "rows deleted per purge chunk")
     purge_throttle_ms: int = _env(_int, 100, "pause between purge chunks")
     escalations: dict[str, Escalation] = _env(_escalations, {}, "model=escalation_model:seconds")
-    max_line_bytes: int = _env(_int, 1_048_576, "largest accepted input line")
-    max_file_bytes: int = _env(_int, 2_147_483_648, "largest accepted input file")
-    db_pool_size: int = _env(_int, 10, "SQLAlchemy pool size per process")
+    max_line_bytes: int = _env(_positive, 1_048_576, "largest accepted input line")
+    max_file_bytes: int = _env(_positive, 2_147_483_648, "largest accepted input file")
+    db_pool_size: int = _env(_positive, 10, "SQLAlchemy pool size per process")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:

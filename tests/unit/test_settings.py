@@ -86,6 +86,9 @@ def test_route_key_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
         ("FUSILLADE_MAX_RETRIES", "many"),
         ("FUSILLADE_ROUTES", "{not json"),
         ("FUSILLADE_RETRY_STATUSES", "5xx,abc"),
+        ("FUSILLADE_DEFAULT_MODEL_LIMIT", "0"),  # would claim nothing, silently, for ever
+        ("FUSILLADE_CLAIM_BATCH_SIZE", "0"),
+        ("FUSILLADE_TIMEOUT_MS", "-1"),
     ],
 )
 def test_bad_values_name_the_variable(name: str, value: str) -> None:
