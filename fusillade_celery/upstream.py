@@ -21,7 +21,7 @@ from requests.hooks import default_hooks
 from requests.structures import CaseInsensitiveDict
 from requests.utils import check_header_validity, get_encoding_from_headers
 
-from .settings import Settings
+from .settings import Settings, redact_url
 from .states import ErrorKind
 from .store import WorkItem
 
@@ -268,9 +268,12 @@ def prepare(url: str, headers: dict[str, str], body: str) -> requests.PreparedRe
 
 
 def _short(exc: BaseException, api_key: str = "") -> str:
-    """Exception text for the error record, with the key removed: http.client's "Invalid
-    header value b'Bearer ...'" quotes the whole header, escaped; so are other messages."""
-    text = f"{type(exc).__name__}: {exc}"
+    """Exception text for the error record, with the key and URL credentials removed:
+    http.client's "Invalid header value b'Bearer ...'" quotes the whole header, escaped; so
+    are other messages."""
+    # Credentials in the URL (user:pass@, sent as Basic auth) are quoted by InvalidURL and
+    # connection errors alike.
+    text = redact_url(f"{type(exc).__name__}: {exc}")
     if api_key:
         for form in {api_key, repr(api_key)[1:-1], repr(api_key.encode())[2:-1]}:
             text = text.replace(form, "***")

@@ -70,6 +70,21 @@ def test_unusable_targets_and_headers_are_builder_errors(
     assert "sk-bad" not in out.detail  # the error record never quotes the key
 
 
+@pytest.mark.parametrize(
+    "url", ["http://u:sk-secret@127.0.0.1:99999", "http://u:sk-secret@127.0.0.1:9"]
+)
+def test_credentials_in_an_upstream_url_never_reach_the_error_record(url: str) -> None:
+    """A malformed URL (builder error) or one nobody answers (network error): the message
+    quotes the URL, but not its password."""
+    out = upstream.attempt(
+        upstream.get_session(), item(url, None), Settings().replace(timeout_ms=2000)
+    )
+    assert out.kind in (ErrorKind.BUILDER_ERROR, ErrorKind.NETWORK_ERROR), out
+    assert "sk-secret" not in out.detail
+    if out.kind is ErrorKind.BUILDER_ERROR:  # InvalidURL quotes the URL, masked
+        assert "http://u:***@127.0.0.1:99999" in out.detail
+
+
 def test_the_adapter_keeps_one_pool_per_origin_until_closed(mock_url: str) -> None:
     session = upstream.get_session()
     adapter = session.get_adapter(mock_url)
