@@ -100,7 +100,31 @@ def _objects(source: Source | ByteLines, limits: Limits) -> Iterator[tuple[int, 
     elif hasattr(source, "read"):
         yield from _objects_from_bytes(_as_bytes(source), limits)  # type: ignore[arg-type]
     else:
-        yield from enumerate(source, start=1)
+        yield from _objects_with_limits(source, limits)
+
+
+def _objects_with_limits(objects: Iterable[Any], limits: Limits) -> Iterator[tuple[int, Any]]:
+    """Lines given as objects (the Python API) meet the same size limits as a file's, on
+    the size they have as JSON lines."""
+    total = 0
+    for line_number, obj in enumerate(objects, start=1):
+        try:
+            size = len(json.dumps(obj, ensure_ascii=False).encode("utf-8", "surrogatepass")) + 1
+        except (TypeError, ValueError):
+            size = 0  # not JSON-serializable: _check names what is wrong with it
+        total += size
+        if size > limits.max_line_bytes:
+            raise InputError(
+                f"line is {size} bytes, the limit is {limits.max_line_bytes} "
+                "(FUSILLADE_MAX_LINE_BYTES)",
+                line=line_number,
+            )
+        if total > limits.max_file_bytes:
+            raise InputError(
+                f"the file exceeds {limits.max_file_bytes} bytes (FUSILLADE_MAX_FILE_BYTES)",
+                line=line_number,
+            )
+        yield line_number, obj
 
 
 def _as_bytes(lines: Iterable[bytes | str]) -> Iterator[bytes]:
@@ -153,6 +177,8 @@ def _check(obj: Any, line: int, seen: set[str], expected_url: str | None) -> Par
             line=line,
             field="custom_id",
         )
+    if "\x00" in custom_id:  # PostgreSQL text cannot hold it
+        raise InputError("must not contain a NUL character", line=line, field="custom_id")
     if custom_id in seen:
         raise InputError(f"duplicate custom_id {custom_id!r}", line=line, field="custom_id")
     seen.add(custom_id)
@@ -178,13 +204,21 @@ def _check(obj: Any, line: int, seen: set[str], expected_url: str | None) -> Par
     model = body.get("model")
     if not isinstance(model, str) or not model.strip():
         raise InputError("is required (a non-empty string)", line=line, field="body.model")
-    if len(model) > MAX_MODEL_NAME or any(c.isspace() for c in model):
+    if len(model) > MAX_MODEL_NAME or any(c.isspace() for c in model) or not model.isprintable():
         raise InputError(
-            f"is not a valid model name (no whitespace, at most {MAX_MODEL_NAME} characters)",
+            "is not a valid model name (no whitespace or control characters, at most "
+            f"{MAX_MODEL_NAME} characters)",
             line=line,
             field="body.model",
         )
-    text = json.dumps(body, separators=(",", ":"), ensure_ascii=False)
+    try:
+        text = json.dumps(body, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except ValueError:  # NaN or Infinity: Python's json reads them, JSON has no such values
+        raise InputError(
+            "contains NaN or Infinity, which are not JSON", line=line, field="body"
+        ) from None
+    except TypeError as exc:  # Python API: a value JSON cannot represent
+        raise InputError(f"is not JSON-serializable ({exc})", line=line, field="body") from None
     for name, value in (("custom_id", custom_id), ("body", text)):
         try:
             size = len(value.encode("utf-8"))

@@ -112,7 +112,23 @@ BAD_INPUTS = [
         "FUSILLADE_MAX_LINE_BYTES",
     ),
     ("empty file", b"\n\n", None, None, "no requests"),
+    ("NUL in custom_id", jsonl(line("a"), line("b\x00c")), 2, "custom_id", "NUL"),
+    ("control in model", jsonl(line("a", model="gpt\x00")), 1, "body.model", "valid model"),
+    ("NaN in body", jsonl(line("a"), line("b", temperature=float("nan"))), 2, "body", "NaN"),
 ]
+
+
+def test_lines_given_as_objects_meet_the_same_size_limits(client: Client) -> None:
+    """The Python API's dict lines: the line and file limits hold as they do for a file."""
+    client.settings = client.settings.replace(max_line_bytes=1024, max_file_bytes=3000)
+    before = row_counts(client)
+    with pytest.raises(InputError, match="FUSILLADE_MAX_LINE_BYTES") as err:
+        client.submit_batch([line("a"), line("b", content=BIG)])
+    assert err.value.line == 2
+    with pytest.raises(InputError, match="FUSILLADE_MAX_FILE_BYTES") as err:
+        client.submit_batch([line(f"r{i}", content="x" * 700) for i in range(5)])
+    assert err.value.line == 4
+    assert row_counts(client) == before
 
 
 @pytest.mark.parametrize(
