@@ -493,9 +493,9 @@ def test_an_attempt_that_waited_for_its_slot_asks_whether_its_batch_was_cancelle
     client: Client, settings: Settings, mock: MockUpstream
 ) -> None:
     """DESIGN.md invariant 6 with the default 5 s cancel poll: with -c 1, three of a message's
-    four slow requests wait for the slot when their batch is cancelled. Each asks once it gets
-    the slot (what it knew is older than CancelWatch.FRESH_S), so none is sent, long before
-    the next poll."""
+    four slow requests wait for the slot when their batch is cancelled. While they wait the
+    watcher polls every CancelWatch.FRESH_S, so none of them is sent, long before the next
+    5 s poll."""
     from fusillade_celery.cancel_watch import CancelWatch
 
     batch_id = client.submit_batch([line(f"q{i}", mock_latency_ms=600) for i in range(4)])
@@ -524,7 +524,8 @@ def test_under_gevent_an_attempt_that_waited_for_its_slot_is_not_sent_once_cance
 ) -> None:
     """The same as a worker runs it (gevent, -c 1, the default 5 s poll), in an interpreter of
     its own: the three requests waiting for the slot when the batch is cancelled are never
-    sent, and the message ends well before the next poll."""
+    sent, the running one is aborted too (while attempts wait, the watcher polls every
+    CancelWatch.FRESH_S), and the message ends well before the 5 s poll."""
     script = textwrap.dedent(
         f"""
         from gevent import monkey; monkey.patch_all()
@@ -565,7 +566,7 @@ def test_under_gevent_an_attempt_that_waited_for_its_slot_is_not_sent_once_cance
     )
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
-    assert res.stdout.split() == ["3", "['canceled']", "True"]
+    assert res.stdout.split() == ["4", "['canceled']", "True"]
     assert mock.state.calls == 1, "waiting attempts of a cancelled batch were sent"
 
 
