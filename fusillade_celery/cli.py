@@ -242,9 +242,15 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_results(args: argparse.Namespace) -> int:
     client = _client(_settings())
     out = sys.stdout
-    for line in client.iter_results(args.batch_id, errors=args.errors):
-        out.write(json.dumps(line, ensure_ascii=False, separators=(",", ":")))
-        out.write("\n")
+    try:
+        for line in client.iter_results(args.batch_id, errors=args.errors):
+            out.write(json.dumps(line, ensure_ascii=False, separators=(",", ":")))
+            out.write("\n")
+        out.flush()
+    except BrokenPipeError:
+        # ``results ... | head``: the reader has what it wanted. Point stdout at /dev/null so
+        # the interpreter's own flush at exit does not print a traceback.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return EXIT_OK
 
 

@@ -37,10 +37,11 @@ class InputError(ValueError):
         self.line = line
         self.field = field
         self.reason = message
-        where = f"line {line}" if line is not None else "input"
+        parts = [f"line {line}"] if line is not None else []
         if field:
-            where += f", field '{field}'"
-        super().__init__(f"{where}: {message}")
+            parts.append(f"field '{field}'")
+        # File-level problems read as the message alone: the CLI already says "invalid input".
+        super().__init__(f"{', '.join(parts)}: {message}" if parts else message)
 
 
 @dataclass(frozen=True)
@@ -137,6 +138,8 @@ def _objects_from_bytes(fh: Iterable[bytes], limits: Limits) -> Iterator[tuple[i
     total = 0
     for line_number, raw in enumerate(fh, start=1):
         total += len(raw)
+        if line_number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+            raw = raw[3:]  # a UTF-8 byte order mark, as some Windows editors write
         if total > limits.max_file_bytes:
             raise InputError(
                 f"the file exceeds {limits.max_file_bytes} bytes (FUSILLADE_MAX_FILE_BYTES)",

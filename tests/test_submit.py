@@ -289,6 +289,34 @@ def test_cli_usage_mistakes_are_one_line_before_anything_is_created(
     assert row_counts(cli_env)["batches"] == 0
 
 
+def test_cli_small_things_a_shell_user_meets(
+    cli_env: Client, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A file saved with a byte order mark is read; an empty file's error says it once;
+    ``results | head -1`` ends quietly."""
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + jsonl(*(line(f"r{i}") for i in range(3000))))
+    assert main(["submit", str(bom)]) == 0
+    batch_id = capsys.readouterr().out.strip()
+    assert cli_env.get_batch(batch_id)["request_counts"]["total"] == 3000
+    empty = tmp_path / "empty.jsonl"
+    empty.write_bytes(b"\n")
+    assert main(["submit", str(empty)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "fusillade-celery: error: invalid input: the file holds no requests"
+    )
+    cli_env.cancel_batch(batch_id)  # 3,000 error lines to read
+    res = subprocess.run(
+        f"{sys.executable} -m fusillade_celery.cli results {batch_id} --errors | head -1",
+        shell=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert json.loads(res.stdout)["custom_id"] == "r0"
+    assert res.stderr == ""
+
+
 def test_cli_bad_configuration_is_one_line(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
