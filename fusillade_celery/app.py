@@ -79,10 +79,8 @@ def reset_broker_connections() -> None:
     failed ("Acquire on closed pool"). Celery's own after-fork hook resets the same two
     attributes; kombu's registries of pools per connection are emptied too, or the closed
     pool is what the next lookup of the same broker URL finds."""
-    if app._pool is not None:
-        app._pool.force_close_all()
+    kombu_pools.reset()  # closes every registered pool, app._pool among them
     app._pool = None
-    kombu_pools.reset()
     amqp = app.__dict__.get("amqp")
     if amqp is not None:
         amqp._producer_pool = None

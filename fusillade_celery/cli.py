@@ -171,6 +171,8 @@ def _run_embedded(
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Submit INPUT and process it to the end; embedded unless a broker is configured."""
+    from .submit import batch_upstream
+
     settings = _settings()
     input_path = Path(args.input)
     if not input_path.is_file():
@@ -179,9 +181,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     client = _client(settings)
     batch_id = None
     if settings.embedded and not args.fresh:
-        # As submit stores it (no trailing slash), or a re-run never finds its batch.
-        upstream = args.upstream.rstrip("/") if args.upstream else args.upstream
-        batch_id = client.store.find_resumable_batch(_file_sha256(input_path), upstream)
+        batch_id = client.store.find_resumable_batch(
+            _file_sha256(input_path), batch_upstream(args.upstream)
+        )
         if batch_id:
             print(f"resuming {batch_id} (same input; --fresh starts over)", file=sys.stderr)
     if batch_id is None:

@@ -47,6 +47,12 @@ class _Hashing:
             yield line
 
 
+def batch_upstream(url: str | None) -> str | None:
+    """A batch's own upstream as it is stored (without a trailing slash), so whatever looks a
+    batch up by it (the embedded resume) matches however the URL was typed."""
+    return url.rstrip("/") if url else None
+
+
 def _check_metadata(metadata: dict[str, Any] | None) -> dict[str, str] | None:
     if metadata is None:
         return None
@@ -131,7 +137,7 @@ class Client:
             "expires_at": now + window_s,
             "metadata": json.dumps(meta) if meta is not None else None,
             "owner": owner,
-            "upstream_url": upstream.rstrip("/") if upstream else None,
+            "upstream_url": batch_upstream(upstream),
             "upstream_api_key": api_key,
             "models": "[]",
             "total_requests": 0,

@@ -114,18 +114,25 @@ def _objects_with_limits(objects: Iterable[Any], limits: Limits) -> Iterator[tup
         except (TypeError, ValueError):
             size = 0  # not JSON-serializable: _check names what is wrong with it
         total += size
-        if size > limits.max_line_bytes:
-            raise InputError(
-                f"line is {size} bytes, the limit is {limits.max_line_bytes} "
-                "(FUSILLADE_MAX_LINE_BYTES)",
-                line=line_number,
-            )
-        if total > limits.max_file_bytes:
-            raise InputError(
-                f"the file exceeds {limits.max_file_bytes} bytes (FUSILLADE_MAX_FILE_BYTES)",
-                line=line_number,
-            )
+        if total > limits.max_file_bytes or size > limits.max_line_bytes:
+            _size_error(line_number, size, total, limits)
         yield line_number, obj
+
+
+def _size_error(line_number: int, size: int, total: int, limits: Limits) -> None:
+    """Raise for the limit crossed: the file's (bytes so far), else the line's. Called only
+    once a limit is crossed, so the per-line cost is the two comparisons at the caller."""
+    if total > limits.max_file_bytes:
+        raise InputError(
+            f"the file exceeds {limits.max_file_bytes} bytes (FUSILLADE_MAX_FILE_BYTES)",
+            line=line_number,
+        )
+    if size > limits.max_line_bytes:
+        raise InputError(
+            f"line is {size} bytes, the limit is {limits.max_line_bytes} "
+            "(FUSILLADE_MAX_LINE_BYTES)",
+            line=line_number,
+        )
 
 
 def _as_bytes(lines: Iterable[bytes | str]) -> Iterator[bytes]:
@@ -140,17 +147,8 @@ def _objects_from_bytes(fh: Iterable[bytes], limits: Limits) -> Iterator[tuple[i
         total += len(raw)
         if line_number == 1 and raw.startswith(b"\xef\xbb\xbf"):
             raw = raw[3:]  # a UTF-8 byte order mark, as some Windows editors write
-        if total > limits.max_file_bytes:
-            raise InputError(
-                f"the file exceeds {limits.max_file_bytes} bytes (FUSILLADE_MAX_FILE_BYTES)",
-                line=line_number,
-            )
-        if len(raw) > limits.max_line_bytes:
-            raise InputError(
-                f"line is {len(raw)} bytes, the limit is {limits.max_line_bytes} "
-                "(FUSILLADE_MAX_LINE_BYTES)",
-                line=line_number,
-            )
+        if total > limits.max_file_bytes or len(raw) > limits.max_line_bytes:
+            _size_error(line_number, len(raw), total, limits)
         if not raw.strip():
             continue
         try:

@@ -15,6 +15,7 @@ import pytest
 from sqlalchemy import text
 
 from fusillade_celery import claimer, maintenance
+from fusillade_celery.cancel_watch import CancelWatch
 from fusillade_celery.execute import Report, execute
 from fusillade_celery.mock_upstream import MockUpstream
 from fusillade_celery.settings import Settings
@@ -411,8 +412,6 @@ def test_without_gevent_a_message_runs_its_attempts_concurrently_within_c(
 ) -> None:
     """Threads pool / embedded mode: a message of 8 slow requests runs as many at once as the
     process's -c allows (not one after the other, not more)."""
-    from fusillade_celery.cancel_watch import CancelWatch
-
     batch_id = client.submit_batch([line(f"t{i}", mock_latency_ms=300) for i in range(8)])
     token, rows = client.store.claim("m1", "m1", 100, 100, time.time())
     watch = CancelWatch(client.store, poll_s=1.0, concurrency=concurrency)
@@ -430,9 +429,7 @@ def test_attempts_sent_together_are_written_back_as_soon_as_the_last_is_in(
     """A chunk of results (one write-back) closes once every attempt added with its results
     has finished: an attempt added later and still running neither holds the write-back for
     the linger nor joins it (here it ends 1 s later, well inside a 10 s linger)."""
-    import threading
-
-    from fusillade_celery.cancel_watch import Attempts, CancelWatch
+    from fusillade_celery.cancel_watch import Attempts
 
     monkeypatch.setattr(Attempts, "LINGER_S", 10.0)
     watch = CancelWatch(client.store, poll_s=60.0, concurrency=4)
@@ -458,18 +455,31 @@ def test_without_gevent_queued_attempts_of_a_cancelled_batch_never_reach_the_ups
     requests has one running and three queued when its batch is cancelled. The cancel poll
     sees it; the queued three are skipped, not sent, and every row ends canceled. A poll
     that died earlier (of an error) is replaced, not taken for a running one."""
-    import threading
-
-    from fusillade_celery.cancel_watch import CancelWatch
-
-    batch_id = client.submit_batch([line(f"q{i}", mock_latency_ms=800) for i in range(4)])
-    token, rows = client.store.claim("m1", "m1", 100, 100, time.time())
     watch = CancelWatch(client.store, poll_s=0.05, concurrency=1)
     if earlier_poll == "died":
         dead = threading.Thread(target=lambda: None)
         dead.start()
         dead.join()
         watch._watcher = dead
+    batch_id, report = cancel_while_queued(client, settings, mock, watch, 800, join_s=30)
+    assert mock.state.calls == 1, "queued attempts of a cancelled batch were sent"
+    assert report.aborted == 3
+    assert set(states(client.store, batch_id).values()) == {"canceled"}
+    wait_for(lambda: watch._watcher is None, what="the idle cancel poll to end")
+
+
+def cancel_while_queued(
+    client: Client,
+    settings: Settings,
+    mock: MockUpstream,
+    watch: CancelWatch,
+    latency_ms: int,
+    join_s: float,
+) -> tuple[str, Report]:
+    """A message of 4 slow requests run on a thread of its own with ``watch``; its batch is
+    cancelled once the first call runs, and the message must end within ``join_s``."""
+    batch_id = client.submit_batch([line(f"q{i}", mock_latency_ms=latency_ms) for i in range(4)])
+    token, rows = client.store.claim("m1", "m1", 100, 100, time.time())
     reports: list[Report] = []
     runner = threading.Thread(
         target=lambda: reports.append(
@@ -481,12 +491,9 @@ def test_without_gevent_queued_attempts_of_a_cancelled_batch_never_reach_the_ups
     runner.start()
     wait_for(lambda: mock.state.calls == 1, what="the first call to start")
     client.cancel_batch(batch_id)
-    runner.join(timeout=30)
+    runner.join(timeout=join_s)
     assert not runner.is_alive()
-    assert mock.state.calls == 1, "queued attempts of a cancelled batch were sent"
-    assert reports[0].aborted == 3
-    assert set(states(client.store, batch_id).values()) == {"canceled"}
-    wait_for(lambda: watch._watcher is None, what="the idle cancel poll to end")
+    return batch_id, reports[0]
 
 
 def test_an_attempt_that_waited_for_its_slot_asks_whether_its_batch_was_cancelled(
@@ -496,26 +503,11 @@ def test_an_attempt_that_waited_for_its_slot_asks_whether_its_batch_was_cancelle
     four slow requests wait for the slot when their batch is cancelled. While they wait the
     watcher polls every CancelWatch.FRESH_S, so none of them is sent, long before the next
     5 s poll."""
-    from fusillade_celery.cancel_watch import CancelWatch
-
-    batch_id = client.submit_batch([line(f"q{i}", mock_latency_ms=600) for i in range(4)])
-    token, rows = client.store.claim("m1", "m1", 100, 100, time.time())
     watch = CancelWatch(client.store, poll_s=5.0, concurrency=1)
-    reports: list[Report] = []
-    runner = threading.Thread(
-        target=lambda: reports.append(
-            run_message(
-                client.store, settings, token, [r.id for r in rows], Recorder(), watch=watch
-            )
-        )
-    )
-    runner.start()
-    wait_for(lambda: mock.state.calls == 1, what="the first call to start")
-    client.cancel_batch(batch_id)
-    runner.join(timeout=4)  # less than the poll interval
-    assert not runner.is_alive()
+    # join_s less than the poll interval
+    batch_id, report = cancel_while_queued(client, settings, mock, watch, 600, join_s=4)
     assert mock.state.calls == 1, "waiting attempts of a cancelled batch were sent"
-    assert reports[0].aborted == 3
+    assert report.aborted == 3
     assert set(states(client.store, batch_id).values()) == {"canceled"}
 
 
