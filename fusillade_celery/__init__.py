@@ -1,8 +1,8 @@
 """fusillade-celery: a self-hosted OpenAI Batch API engine on Celery and PostgreSQL.
 
 ``celery -A fusillade_celery worker -Q model.<name>`` finds :data:`app` here; applications
-enqueue work with :func:`submit_batch` and read it back with :func:`get_batch` and
-:func:`iter_results`.
+enqueue work with :func:`submit_batch`, wait for it with :func:`wait_batch` and read it back
+with :func:`get_batch` and :func:`iter_results`.
 """
 
 from . import tasks as _tasks  # noqa: E402,F401  (registers the tasks on the app)
@@ -19,6 +19,7 @@ from .submit import (
     iter_file,
     iter_results,
     submit_batch,
+    wait_batch,
 )
 from .validation import InputError
 
@@ -36,4 +37,5 @@ __all__ = [
     "iter_results",
     "queue_for_model",
     "submit_batch",
+    "wait_batch",
 ]

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import gc
 import importlib
+import logging
 import os
+import sys
 from typing import Any
 
 from celery import Celery, signals
@@ -20,19 +22,20 @@ from .compat import patch_gevent_waits, patch_kombu_redis_reconnect
 from .db import get_engine
 from .queues import CONTROL_QUEUE, direct_queue
 from .schedule import beat_schedule
-from .settings import MEMORY_BROKER, ConfigError, Settings
+from .settings import MEMORY_BROKER, ConfigError, Settings, unknown_env_names
 from .store import Store
 
 patch_kombu_redis_reconnect()
 if gevent_active():  # a -P gevent worker: celery patched the process before importing us
     patch_gevent_waits()
 app = Celery("fusillade_celery", include=["fusillade_celery.tasks"])
+log = logging.getLogger(__name__)
 
 _current: dict[str, Any] = {}
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
-    """Celery options implied by the settings (DESIGN.md sections 4-6)."""
+    """Celery options implied by the settings (docs/architecture.md sections 4-6)."""
     return {
         "broker_url": settings.broker_url or MEMORY_BROKER,
         "broker_connection_retry_on_startup": True,
@@ -175,12 +178,44 @@ def _stop_heartbeat(**_: Any) -> None:
     workers.stop()
 
 
-@signals.celeryd_init.connect
-@signals.beat_init.connect
-def _require_settings(**_: Any) -> None:
-    """A worker or beat never runs on Celery's defaults: settings that did not parse at
-    import (``_configure_at_import``) fail its start-up here, naming the variable."""
-    get_settings()
+#: Set while an embedded run's worker starts in this process (``embedded.EmbeddedWorker``):
+#: that worker runs on the in-process broker by design.
+IN_PROCESS_WORKER = {"starting": False}
+
+
+@signals.import_modules.connect
+def _require_worker_settings(**_: Any) -> None:
+    """Sent when a ``celery worker`` or ``celery beat`` process loads its task modules:
+    before the worker's banner and before either connects anywhere."""
+    if not IN_PROCESS_WORKER["starting"]:
+        _require_settings("worker or beat")
+
+
+def _require_settings(role: str) -> None:
+    """A worker or beat never runs on a bad setting or on Celery's defaults: settings that
+    did not parse at import (``_configure_at_import``), or no broker at all, end the process
+    here with one line naming the variable and exit status 2. Why not raise: Celery logs an
+    exception of a signal handler with its traceback and carries on, so the worker ran on
+    ``amqp://localhost`` (or ``memory://``, where nothing it consumed was ever published)."""
+    try:
+        settings = get_settings()
+    except ConfigError as exc:
+        _refuse(f"configuration: {exc}")
+        return
+    if settings.embedded:
+        _refuse(
+            f"configuration: FUSILLADE_BROKER_URL is not set; a celery {role} needs the broker "
+            "its workers and beat share (e.g. redis://host:6379/0). To process a file in one "
+            "process with no servers, use `fusillade-celery run FILE`"
+        )
+    for name in unknown_env_names():
+        log.warning("unknown setting %s is ignored", name)
+
+
+def _refuse(message: str) -> None:
+    sys.stderr.write(f"fusillade-celery: error: {message}\n")
+    sys.stderr.flush()
+    os._exit(2)  # nothing has started yet: no thread, connection or file to close
 
 
 def _configure_at_import() -> None:

@@ -1,5 +1,6 @@
-"""The cancel poll (DESIGN.md invariant 6): in-flight upstream calls of cancelled batches are
-aborted within ``cancellation_poll_interval_ms``.
+"""The cancel poll (docs/architecture.md invariant 6): in-flight upstream calls of cancelled
+batches are aborted within ``cancellation_poll_interval_ms`` (and at once when the cancel
+broadcast of ``control.py`` arrives).
 
 Under the gevent pool each attempt runs in its own greenlet, registered here with its batch.
 One watcher greenlet per process asks the database, once per poll interval, which of the
@@ -20,7 +21,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Hashable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Generic, TypeAlias, TypeVar
 
@@ -53,11 +54,29 @@ class CancelWatch:
     #: and the others behind the query held theirs (instant upstream: 30 % more worker CPU a
     #: request, as fewer slots were handed on).
     FRESH_S = 0.1
+    #: A job that took longer than this from submission to start waited for a thread.
+    WAITED_S = 0.05
 
-    def __init__(self, store: Store, poll_s: float, concurrency: int = 64):
+    def __init__(
+        self,
+        store: Store,
+        poll_s: float,
+        concurrency: int = 64,
+        processing_timeout_s: float = 600.0,
+    ):
         self.store = store
         self.poll_s = max(poll_s, 0.01)  # a zero interval would spin on the database
         self.concurrency = concurrency
+        #: How often rows that wait for a ``-c`` slot (or just got one after waiting) have
+        #: their processing clock restarted (``Store.touch_started``): well within the
+        #: processing timeout, so the reaper never takes a row whose call has not started
+        #: or has just started.
+        self.touch_s = min(max(processing_timeout_s / 4.0, 0.05), 5.0)
+        #: Attempts waiting for a slot: (request id, token) -> when they began to wait.
+        self._waiting: dict[Hashable, float] = {}
+        #: Attempts that got their slot after waiting, not yet touched since.
+        self._waited: set[Hashable] = set()
+        self._touched_at = time.monotonic()
         self._semaphore: Any = None
         self._inflight: dict[Any, str] = {}  # unfinished greenlet or future -> its batch
         #: Batches of attempts in flight found cancelled by the last poll.
@@ -78,9 +97,10 @@ class CancelWatch:
 
         Under gevent the jobs run concurrently, each in its own greenlet, while a process-wide
         semaphore of the worker's ``-c`` keeps this process's in-flight calls within its
-        concurrency (DESIGN.md invariant 4) however many requests a message carries. Elsewhere
-        they run on a process-wide thread pool of ``-c`` threads, with the same bound: run one
-        after the other, a message of 16 would have made 16 requests cost 16 latencies."""
+        concurrency (docs/architecture.md invariant 4) however many requests a message carries.
+        Elsewhere they run on a process-wide thread pool of ``-c`` threads, with the same
+        bound: run one after the other, a message of 16 would have made 16 requests cost 16
+        latencies."""
         if gevent_active():
             return _GreenletAttempts(self, flush_s)
         return _ThreadAttempts(self, flush_s)
@@ -93,6 +113,19 @@ class CancelWatch:
             return True
         pool = self._pool
         return pool is not None and pool._work_queue.qsize() > 0
+
+    def cancel_now(self, batch_ids: Iterable[str]) -> int:
+        """Abort this process's attempts of ``batch_ids`` at once (a cancel broadcast,
+        ``control.py``): unstarted ones are skipped; under gevent running ones are killed,
+        which closes their upstream connections. Returns how many were in flight."""
+        wanted = set(batch_ids)
+        with self._lock:
+            victims = [h for h, b in self._inflight.items() if b in wanted]
+            self.cancelled = self.cancelled | wanted
+        for handle in victims:
+            if hasattr(handle, "kill") and not handle.dead:
+                handle.kill(block=False)
+        return len(victims)
 
     def _unless_cancelled(self, batch_id: str, fn: Callable[[], T]) -> T | Aborted:
         return Aborted(batch_id) if batch_id in self.cancelled else fn()
@@ -123,9 +156,50 @@ class CancelWatch:
                 )
             return self._pool
 
-    def _limited(self, batch_id: str, fn: Callable[[], T]) -> T | Aborted:
-        with self._slots():
+    def _limited(self, key: Hashable, batch_id: str, fn: Callable[[], T]) -> T | Aborted:
+        """Run ``fn`` in one of the process's ``-c`` slots (greenlets). An attempt that has
+        to wait for one is registered as waiting meanwhile, and as having waited once it
+        runs, so the watcher keeps its row's processing clock from running out."""
+        slots = self._slots()
+        if slots.locked():
+            self._waiting[key] = time.monotonic()
+            try:
+                slots.acquire()
+            finally:
+                self._waiting.pop(key, None)
+            self._waited.add(key)
+        else:
+            slots.acquire()
+        try:
             return self._unless_cancelled(batch_id, fn)
+        finally:
+            slots.release()
+
+    def _queued(self, key: Hashable) -> None:
+        """A job handed to the thread pool: waiting until ``_threaded`` starts it."""
+        self._waiting[key] = time.monotonic()
+
+    def _threaded(self, key: Hashable, batch_id: str, fn: Callable[[], T]) -> T | Aborted:
+        since = self._waiting.pop(key, None)
+        if since is not None and time.monotonic() - since > self.WAITED_S:
+            self._waited.add(key)
+        return self._unless_cancelled(batch_id, fn)
+
+    def _touch(self) -> None:
+        """Restart the processing clock of the rows that wait for a slot or just got one
+        after waiting (``Store.touch_started``), once per ``touch_s``."""
+        if time.monotonic() - self._touched_at < self.touch_s:
+            return
+        self._touched_at = time.monotonic()
+        waited, self._waited = self._waited, set()
+        held = [*self._waiting.copy(), *waited]
+        if not held:
+            return
+        try:
+            self.store.touch_started(held, time.time())  # type: ignore[arg-type]
+        except Exception as exc:  # noqa: BLE001 - the next tick tries again
+            self._waited |= waited
+            log.warning("could not restart the processing clock of waiting requests: %s", exc)
 
     def _slots(self) -> Any:
         if self._semaphore is None:
@@ -163,6 +237,7 @@ class CancelWatch:
         tick = min(self.poll_s, self.FRESH_S)
         while True:
             sleep(tick)
+            self._touch()
             due = time.monotonic() - self._asked_at >= self.poll_s - tick / 2
             if not due and not self.others_waiting():
                 continue
@@ -171,6 +246,7 @@ class CancelWatch:
                 if not inflight:
                     self._watcher = None
                     self.cancelled = set()
+                    self._waited = set()  # written back already: nothing to keep alive
                     return
             cancelled = self._poll()
             if not cancelled or not kill:
@@ -224,7 +300,7 @@ class Attempts(Generic[T]):
         group = self._groups
         self._unfinished[group] = len(jobs)
         for key, batch_id, fn in jobs:
-            handle = self._start(batch_id, fn)
+            handle = self._start(key, batch_id, fn)
             self.watch._inflight[handle] = batch_id
             self._pending[handle] = (key, batch_id, group)
         self.watch._ensure_watcher()
@@ -262,7 +338,7 @@ class Attempts(Generic[T]):
     # What a pool provides: start a job (its handle is put on the pool's queue of finished
     # jobs when it ends), take the next finished one, read its result, stop an unfinished one.
 
-    def _start(self, batch_id: str, fn: Callable[[], T]) -> Any:
+    def _start(self, key: Hashable, batch_id: str, fn: Callable[[], T]) -> Any:
         raise NotImplementedError
 
     def _finished_within(self, timeout: float | None) -> Any:
@@ -304,10 +380,10 @@ class _GreenletAttempts(Attempts[T]):
         super().__init__(watch, flush_s)
         self._finished: Any = Queue()  # finished greenlets, put by their link callback
 
-    def _start(self, batch_id: str, fn: Callable[[], T]) -> Any:
+    def _start(self, key: Hashable, batch_id: str, fn: Callable[[], T]) -> Any:
         import gevent
 
-        g = gevent.spawn(self.watch._limited, batch_id, fn)
+        g = gevent.spawn(self.watch._limited, key, batch_id, fn)
         g.link(self._finished.put_nowait)
         return g
 
@@ -338,8 +414,9 @@ class _ThreadAttempts(Attempts[T]):
         super().__init__(watch, flush_s)
         self._finished: queue.SimpleQueue[Future[T | Aborted]] = queue.SimpleQueue()
 
-    def _start(self, batch_id: str, fn: Callable[[], T]) -> Any:
-        future = self.watch._executor().submit(self.watch._unless_cancelled, batch_id, fn)
+    def _start(self, key: Hashable, batch_id: str, fn: Callable[[], T]) -> Any:
+        self.watch._queued(key)
+        future = self.watch._executor().submit(self.watch._threaded, key, batch_id, fn)
         future.add_done_callback(self._finished.put)
         return future
 
@@ -353,16 +430,28 @@ class _ThreadAttempts(Attempts[T]):
         return handle.result()
 
     def _stop(self, handle: Any) -> None:
-        handle.cancel()
+        handle.cancel()  # a job cancelled before it started stays in _waiting: touch is fenced
 
 
 _watches: dict[int, CancelWatch] = {}
 
 
-def get_watch(store: Store, poll_s: float, concurrency: int) -> CancelWatch:
+def cancel_now(batch_ids: Iterable[str]) -> int:
+    """``CancelWatch.cancel_now`` on this process's watch, if it has one."""
+    import os
+
+    watch = _watches.get(os.getpid())
+    return 0 if watch is None else watch.cancel_now(batch_ids)
+
+
+def get_watch(
+    store: Store, poll_s: float, concurrency: int, processing_timeout_s: float = 600.0
+) -> CancelWatch:
     import os
 
     watch = _watches.get(os.getpid())
     if watch is None:
-        watch = _watches[os.getpid()] = CancelWatch(store, poll_s, concurrency)
+        watch = _watches[os.getpid()] = CancelWatch(
+            store, poll_s, concurrency, processing_timeout_s
+        )
     return watch

@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 #: publish(routed_model, token, request_ids) -> None. One call per claim statement; the
 #: implementation splits it into messages and publishes them over one broker connection.
 Publish = Callable[[str, str, Sequence[int]], None]
+#: consumed(routed_model) -> whether a live worker consumes the model's queue.
+Consumed = Callable[[str], bool]
 
 
 def split(ids: Sequence[int], most: int) -> list[list[int]]:
@@ -77,6 +79,10 @@ class MessageSizer:
         fits = min(known) if known and len(known) == len(consumers) else UNKNOWN_CONCURRENCY_CAP
         return split(ids, min(settings.requests_per_message, fits))
 
+    def consumed(self, store: Store, settings: Settings, queue: str) -> bool:
+        """Whether a live worker consumes ``queue`` (its heartbeat row names it)."""
+        return bool(self.consumers(store, settings, queue))
+
     def consumers(self, store: Store, settings: Settings, queue: str) -> list[int | None]:
         if self.only_consumer is not None:
             return [self.only_consumer]
@@ -92,23 +98,34 @@ class MessageSizer:
             )
         except Exception as exc:  # noqa: BLE001 - sizing falls back; the claim must go out
             log.warning("could not read the consumers of %s (%s)", queue, exc)
-            found = []
+            found = [None]  # one consumer of unknown -c: messages small, the claim goes out
         with self._lock:
             self._cache[key] = (now + settings.heartbeat_interval_ms / 1000.0, found)
         return found
 
 
 def claim_model(
-    store: Store, settings: Settings, publish: Publish, model: str, now: float | None = None
+    store: Store,
+    settings: Settings,
+    publish: Publish,
+    model: str,
+    now: float | None = None,
+    consumed: Consumed | None = None,
 ) -> int:
     """Claim and dispatch what ``model``'s limit allows; returns how many were claimed.
 
     SLA escalation comes first: rows whose batch has less than the threshold left go to the
-    escalation model's queue under that model's limit, and ``routed_model`` records it."""
+    escalation model's queue under that model's limit, and ``routed_model`` records it.
+
+    With ``consumed``, nothing is claimed for a queue that no live worker consumes: its
+    messages would only wait there, and each claim timeout the reaper would take the rows
+    back and the next claim publish them again, so the queue grew for ever (about 1,400
+    messages a day) while the batch read ``in_progress 0/0``. Its rows stay pending (the
+    batch still expires on time) and are claimed as soon as a worker for the queue starts."""
     now = time.time() if now is None else now
     total = 0
     escalation = settings.escalations.get(model)
-    if escalation is not None:
+    if escalation is not None and _consumed(consumed, escalation.model):
         total += _claim_into(
             store,
             settings,
@@ -118,8 +135,29 @@ def claim_model(
             now,
             deadline_before=now + escalation.threshold_s,
         )
-    total += _claim_into(store, settings, publish, model, model, now)
+    if _consumed(consumed, model):
+        total += _claim_into(store, settings, publish, model, model, now)
     return total
+
+
+#: routed model -> when (monotonic) this process last warned that nobody consumes its queue.
+_UNCONSUMED_WARNED: dict[str, float] = {}
+UNCONSUMED_WARN_EVERY_S = 60.0
+
+
+def _consumed(consumed: Consumed | None, routed: str) -> bool:
+    if consumed is None or consumed(routed):
+        return True
+    last = _UNCONSUMED_WARNED.get(routed)
+    if last is None or time.monotonic() - last >= UNCONSUMED_WARN_EVERY_S:
+        _UNCONSUMED_WARNED[routed] = time.monotonic()
+        log.warning(
+            "no live worker consumes model.%s: its requests stay pending (start one with "
+            "`celery -A fusillade_celery worker -Q model.%s`)",
+            routed,
+            routed,
+        )
+    return False
 
 
 def _claim_into(
@@ -138,6 +176,7 @@ def _claim_into(
         batch_size=settings.claim_batch_size,
         now=now,
         deadline_before=deadline_before,
+        stop_before_s=settings.stop_before_deadline_ms / 1000.0,
     )
     if not rows:
         return 0
@@ -146,10 +185,15 @@ def _claim_into(
     return len(rows)
 
 
-def claim_all(store: Store, settings: Settings, publish: Publish) -> dict[str, int]:
+def claim_all(
+    store: Store, settings: Settings, publish: Publish, consumed: Consumed | None = None
+) -> dict[str, int]:
     """One claimer run over every model with running batches."""
     now = time.time()
-    return {m: claim_model(store, settings, publish, m, now) for m in sorted(store.active_models())}
+    return {
+        m: claim_model(store, settings, publish, m, now, consumed)
+        for m in sorted(store.active_models())
+    }
 
 
 class Refill:
@@ -199,6 +243,7 @@ class Refill:
 
 __all__ = [
     "Claimed",
+    "Consumed",
     "MessageSizer",
     "Publish",
     "Refill",

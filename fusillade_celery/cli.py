@@ -1,4 +1,5 @@
-"""``fusillade-celery``: migrate, run, submit, status, results, cancel, demo, mock-upstream.
+"""``fusillade-celery``: migrate, run, submit, status, list, results, cancel, delete, demo,
+mock-upstream, settings.
 
 Every failure a user can cause (bad input, bad configuration, unknown batch, unreachable
 database) ends with one line on stderr and a non-zero exit, never a traceback.
@@ -18,11 +19,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from .settings import ConfigError, Settings, env_help, redact_url
+from .settings import ConfigError, Settings, env_table, redact_url, unknown_env_names
 
 EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_INPUT = 2
+#: ``run`` followed its batch to the end, and the batch ended failed, expired or cancelled.
+EXIT_BATCH_NOT_COMPLETED = 3
 EXIT_INTERRUPTED = 130
 
 
@@ -36,7 +39,35 @@ class CliError(Exception):
 
 
 def _settings() -> Settings:
-    return Settings.from_env()
+    settings = Settings.from_env()
+    for name in unknown_env_names():
+        print(f"fusillade-celery: warning: unknown setting {name} is ignored", file=sys.stderr)
+    return settings
+
+
+def _api_key(args: argparse.Namespace, settings: Settings) -> str | None:
+    """The batch's upstream key: ``--api-key KEY``, ``--api-key -`` (the first line of
+    standard input, so the key is not in ``ps``), else ``FUSILLADE_BATCH_API_KEY``."""
+    if args.api_key == "-":
+        key = sys.stdin.readline().strip()
+        if not key:
+            raise CliError("--api-key -: standard input has no key on its first line", EXIT_INPUT)
+        return key
+    return args.api_key or settings.batch_api_key or None
+
+
+def _window(args: argparse.Namespace, settings: Settings) -> str:
+    return str(args.completion_window or settings.completion_window)
+
+
+def _warn_unserved(client: Any, batch_id: str) -> None:
+    """Say so when no live worker consumes a model of a running batch: its requests wait."""
+    for model in client.unserved_models(batch_id):
+        print(
+            f"fusillade-celery: warning: no live worker consumes model.{model}; its requests "
+            f"wait (start one: celery -A fusillade_celery worker -Q model.{model})",
+            file=sys.stderr,
+        )
 
 
 def _client(settings: Settings) -> Any:
@@ -118,6 +149,7 @@ def _follow(
 ) -> dict[str, Any]:
     from .states import TERMINAL_BATCH, BatchStatus
 
+    _warn_unserved(client, batch_id)
     while True:
         batch: dict[str, Any] = client.get_batch(batch_id, counts_max_age_s=0.5)
         on_progress(batch)
@@ -170,7 +202,12 @@ def _run_embedded(
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    """Submit INPUT and process it to the end; embedded unless a broker is configured."""
+    """Submit INPUT and process it to the end; embedded unless a broker is configured.
+
+    The same command again finds the batch made from the same content (and upstream), in
+    both modes: embedded, it resumes it here; with a broker, the batch has carried on in the
+    cluster, and submitting the file again would send every request a second time, so the
+    command follows it instead (``--fresh`` submits again)."""
     from .submit import batch_upstream
 
     settings = _settings()
@@ -178,20 +215,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not input_path.is_file():
         raise CliError(f"no such file: {input_path}", EXIT_INPUT)
     out, err = _default_paths(input_path, args.output, args.errors)
+    api_key = _api_key(args, settings)
     client = _client(settings)
     batch_id = None
-    if settings.embedded and not args.fresh:
+    if not args.fresh:
         batch_id = client.store.find_resumable_batch(
             _file_sha256(input_path), batch_upstream(args.upstream)
         )
         if batch_id:
-            print(f"resuming {batch_id} (same input; --fresh starts over)", file=sys.stderr)
+            verb = "resuming" if settings.embedded else "following"
+            print(f"{verb} {batch_id} (same input; --fresh submits it again)", file=sys.stderr)
     if batch_id is None:
         batch_id = client.submit_batch(
             input_path,
-            completion_window=args.completion_window,
+            completion_window=_window(args, settings),
             upstream=args.upstream,
-            api_key=args.api_key,
+            api_key=api_key,
         )
         print(f"submitted {batch_id}", file=sys.stderr)
     bar = _Bar(batch_id, enabled=not args.quiet)
@@ -202,7 +241,15 @@ def cmd_run(args: argparse.Namespace) -> int:
             batch = _follow(client, batch_id, bar)
     except KeyboardInterrupt:
         bar.close()
-        print(f"interrupted; run the same command again to resume {batch_id}", file=sys.stderr)
+        if settings.embedded:
+            print(f"interrupted; run the same command again to resume {batch_id}", file=sys.stderr)
+        else:
+            print(
+                f"interrupted; {batch_id} carries on in the cluster: follow it with "
+                f"`fusillade-celery status {batch_id} --watch` (or this command again, which "
+                f"writes the results), stop it with `fusillade-celery cancel {batch_id}`",
+                file=sys.stderr,
+            )
         sys.stderr.flush()
         os._exit(EXIT_INTERRUPTED)  # worker threads may sit in an upstream call: do not wait
     bar.close()
@@ -212,17 +259,29 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"{batch_id} {batch['status']}: {counts['completed']} completed, {counts['failed']} failed"
         f" -> {out} ({n_out} lines), {err} ({n_err} lines)"
     )
+    if batch["status"] != "completed":
+        why = {
+            "failed": "every request failed",
+            "expired": "its completion window ended first",
+            "cancelled": "it was cancelled",
+        }.get(batch["status"], batch["status"])
+        return _fail(
+            f"batch {batch_id} ended {batch['status']} ({why}); see {err}",
+            EXIT_BATCH_NOT_COMPLETED,
+        )
     return EXIT_OK
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    client = _client(_settings())
+    settings = _settings()
     metadata = _metadata(args.metadata)
+    api_key = _api_key(args, settings)
+    client = _client(settings)
     batch_id = client.submit_batch(
         Path(args.input),
-        completion_window=args.completion_window,
+        completion_window=_window(args, settings),
         upstream=args.upstream,
-        api_key=args.api_key,
+        api_key=api_key,
         metadata=metadata,
     )
     print(batch_id)
@@ -237,22 +296,34 @@ def cmd_status(args: argparse.Namespace) -> int:
         bar.close()
     else:
         batch = client.get_batch(args.batch_id)
+        _warn_unserved(client, args.batch_id)
     print(json.dumps(batch, indent=2))
+    return EXIT_OK
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    """The newest batches, one line each (``--json``: Batch objects, one per line)."""
+    client = _client(_settings())
+    for batch in client.list_batches(args.limit):
+        if args.json:
+            print(json.dumps(batch, separators=(",", ":")))
+            continue
+        counts = batch["request_counts"]
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(batch["created_at"]))
+        print(
+            f"{batch['id']}  {batch['status']:<11} {counts['completed']}/{counts['total']} "
+            f"completed, {counts['failed']} failed  created {created} UTC"
+        )
     return EXIT_OK
 
 
 def cmd_results(args: argparse.Namespace) -> int:
     client = _client(_settings())
     out = sys.stdout
-    try:
-        for line in client.iter_results(args.batch_id, errors=args.errors):
-            out.write(json.dumps(line, ensure_ascii=False, separators=(",", ":")))
-            out.write("\n")
-        out.flush()
-    except BrokenPipeError:
-        # ``results ... | head``: the reader has what it wanted. Point stdout at /dev/null so
-        # the interpreter's own flush at exit does not print a traceback.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    for line in client.iter_results(args.batch_id, errors=args.errors):
+        out.write(json.dumps(line, ensure_ascii=False, separators=(",", ":")))
+        out.write("\n")
+    out.flush()
     return EXIT_OK
 
 
@@ -295,8 +366,13 @@ def cmd_mock_upstream(args: argparse.Namespace) -> int:
 
 
 def cmd_settings(args: argparse.Namespace) -> int:
-    for name, default, doc in env_help():
-        print(f"{name:<42} {default[:40]:<40} {doc}")
+    """Every setting with the value this environment gives it (secrets masked) and whether
+    that is from the environment or the default; unknown ``FUSILLADE_*`` names are warned
+    about (by ``_settings``)."""
+    settings = _settings()
+    for name, value, source, doc in env_table(settings):
+        print(f"{name:<42} {value[:40]:<40} {source:<7} {doc}")
+    sys.stdout.flush()
     return EXIT_OK
 
 
@@ -310,13 +386,14 @@ def _upstream_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--api-key",
-        default=os.environ.get("FUSILLADE_BATCH_API_KEY"),
-        help="API key for --upstream (env FUSILLADE_BATCH_API_KEY); never printed",
+        help="API key for --upstream; '-' reads it from the first line of standard input "
+        "(default: env FUSILLADE_BATCH_API_KEY); never printed. Prefer '-' or the env var: "
+        "a key given here is visible in ps",
     )
     p.add_argument(
         "--completion-window",
-        default=os.environ.get("FUSILLADE_COMPLETION_WINDOW", "24h"),
-        help="deadline of the batch, e.g. 24h, 30m (env FUSILLADE_COMPLETION_WINDOW)",
+        help="deadline of the batch, e.g. 24h, 30m (default: env FUSILLADE_COMPLETION_WINDOW "
+        "or 24h)",
     )
 
 
@@ -327,6 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Settings come from FUSILLADE_* env vars: see `fusillade-celery settings`.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("migrate", help="create or upgrade the schema (FUSILLADE_DATABASE_URL)")
@@ -339,7 +417,9 @@ def build_parser() -> argparse.ArgumentParser:
     _upstream_flags(p)
     p.add_argument("--fresh", action="store_true", help="do not resume an earlier run of INPUT")
     p.add_argument(
-        "--concurrency", type=int, help="embedded worker threads (default: sum of limits)"
+        "--concurrency",
+        type=int,
+        help="embedded worker threads (default: the sum of the batch's model limits, at most 1024)",
     )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_run)
@@ -354,6 +434,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("batch_id")
     p.add_argument("--watch", action="store_true", help="show progress until the batch ends")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("list", help="the newest batches, one line each")
+    p.add_argument("--limit", type=int, default=20, help="how many (default 20)")
+    p.add_argument("--json", action="store_true", help="Batch objects as JSON lines")
+    p.set_defaults(func=cmd_list)
 
     p = sub.add_parser("results", help="output lines (or --errors lines) as JSONL on stdout")
     p.add_argument("batch_id")
@@ -386,13 +471,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-log", action="store_true", help="do not keep a call log (benchmarks)")
     p.set_defaults(func=cmd_mock_upstream)
 
-    p = sub.add_parser("settings", help="list every FUSILLADE_* env var with its default")
+    p = sub.add_parser(
+        "settings", help="every FUSILLADE_* env var with the value in effect (secrets masked)"
+    )
     p.set_defaults(func=cmd_settings)
     return parser
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("fusillade-celery")
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        return "unknown"
+
+
 def main(argv: list[str] | None = None) -> int:
-    from sqlalchemy.exc import OperationalError
+    from sqlalchemy.exc import ArgumentError, OperationalError
 
     from .db import SchemaError
     from .store import NotFound
@@ -407,10 +503,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code: int = args.func(args)
         return code
+    except BrokenPipeError:
+        # ``results ... | head``, ``settings | head``: the reader has what it wanted. Point
+        # stdout at /dev/null so the interpreter's own flush at exit prints no traceback.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     except InputError as exc:
         return _fail(f"invalid input: {exc}", EXIT_INPUT)
     except (ConfigError, SchemaError) as exc:
         return _fail(f"configuration: {exc}", EXIT_INPUT)
+    except ArgumentError as exc:  # a URL SQLAlchemy could not use (FUSILLADE_DATABASE_URL)
+        return _fail(f"configuration: FUSILLADE_DATABASE_URL: {exc}", EXIT_INPUT)
     except NotFound as exc:
         return _fail(str(exc), EXIT_INPUT)
     except CliError as exc:

@@ -18,7 +18,7 @@ from celery import worker as celery_worker
 from celery.worker import state as worker_state
 
 from . import claimer, maintenance, upstream
-from .app import app, configure, reset_broker_connections
+from .app import IN_PROCESS_WORKER, app, configure, reset_broker_connections
 from .queues import CONTROL_QUEUE, direct_queue, queue_for_model
 from .settings import MEMORY_BROKER, Settings
 from .states import TERMINAL_BATCH, BatchStatus
@@ -42,17 +42,21 @@ class EmbeddedWorker:
     def start(self) -> None:
         worker_state.should_terminate = None
         worker_state.should_stop = None
-        self._controller = celery_worker.WorkController(
-            app=app,
-            pool="threads",
-            concurrency=self.concurrency,
-            queues=self.queues,
-            loglevel="WARNING",
-            without_heartbeat=True,
-            without_mingle=True,
-            without_gossip=True,
-            hostname="embedded@localhost",
-        )
+        IN_PROCESS_WORKER["starting"] = True  # not a `celery worker`: no broker check
+        try:
+            self._controller = celery_worker.WorkController(
+                app=app,
+                pool="threads",
+                concurrency=self.concurrency,
+                queues=self.queues,
+                loglevel="WARNING",
+                without_heartbeat=True,
+                without_mingle=True,
+                without_gossip=True,
+                hostname="embedded@localhost",
+            )
+        finally:
+            IN_PROCESS_WORKER["starting"] = False
         self._thread = threading.Thread(
             target=self._controller.start, name="fusillade-worker", daemon=True
         )
@@ -99,6 +103,19 @@ def queues_for(models: list[str], settings: Settings) -> list[str]:
     return [CONTROL_QUEUE] + sorted(queue_for_model(m) for m in names)
 
 
+#: Most worker threads an embedded run starts by itself (``--concurrency`` sets any number).
+MAX_DEFAULT_CONCURRENCY = 1024
+
+
+def default_concurrency(models: list[str], settings: Settings) -> int:
+    """The sum of the batch's models' limits (and their escalation models'), so every slot
+    the limits allow has a thread; at least 4, at most ``MAX_DEFAULT_CONCURRENCY``."""
+    names = set(models) | {
+        settings.escalations[m].model for m in models if m in settings.escalations
+    }
+    return max(4, min(MAX_DEFAULT_CONCURRENCY, sum(settings.limit_for(m) for m in names)))
+
+
 def run_batch(
     client: Client,
     batch_id: str,
@@ -126,7 +143,7 @@ def run_batch(
 
     models = json.loads(row["models"])
     if concurrency is None:
-        concurrency = max(4, min(64, sum(settings.limit_for(m) for m in models)))
+        concurrency = default_concurrency(models, settings)
     upstream.POOL_SIZE["size"] = concurrency  # the attempt threads and their HTTP connections
     worker = EmbeddedWorker(queues_for(models, settings), concurrency)
     worker.start()

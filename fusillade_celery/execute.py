@@ -14,7 +14,7 @@ from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import requests
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from . import upstream
 from .cancel_watch import Aborted, Attempts, CancelWatch, Job
@@ -77,7 +77,7 @@ class HandOffPolicy:
         escalating = settings.escalations
         if model in escalating or any(e.model == model for e in escalating.values()):
             return None
-        return HandOff(model, self.worker_id)
+        return HandOff(model, self.worker_id, settings.stop_before_deadline_ms / 1000.0)
 
 
 def decide(item: WorkItem, outcome: upstream.Outcome, now: float, settings: Settings) -> Finish:
@@ -103,17 +103,47 @@ def decide(item: WorkItem, outcome: upstream.Outcome, now: float, settings: Sett
     return Finish(item.id, item.token, RequestState.FAILED, outcome.status, outcome.body, error)
 
 
-def _write(store: Store, finishes: list[Finish], now: float, target: HandOff | None) -> Written:
+def _unreachable(exc: DBAPIError) -> bool:
+    """The database could not be reached or dropped the connection (rather than refusing
+    the statement): worth waiting for."""
+    return bool(exc.connection_invalidated) or isinstance(exc, (OperationalError, InterfaceError))
+
+
+def _write(
+    store: Store,
+    finishes: list[Finish],
+    now: float,
+    target: HandOff | None,
+    patience_s: float = 0.0,
+) -> Written:
     """Write a chunk back (``Store.finish``). A hand-off that fails (a deadlock, a
     serialization error) is not worth the chunk's results: they are written again without
-    it."""
+    it. While the database is unreachable (a restart, a failover, a network cut), the
+    write-back is retried for up to ``patience_s`` (the processing timeout: until then no
+    reaper takes the rows back): the upstream has answered and may have charged for it, and
+    a result dropped here would be paid for again when the row is reclaimed and resent."""
     try:
         return store.finish(finishes, now, target)
     except DBAPIError as exc:
-        if target is None:
+        if target is None and not _unreachable(exc):
             raise
-        log.warning("write-back with hand-off failed (%s); writing back without it", exc.orig)
-        return store.finish(finishes, now)
+        log.warning("write-back failed (%s); writing back again without a hand-off", exc.orig)
+    until = time.monotonic() + patience_s
+    delay = 0.25
+    while True:
+        try:
+            return store.finish(finishes, now)
+        except DBAPIError as exc:
+            if not _unreachable(exc) or time.monotonic() + delay > until:
+                raise
+            log.warning(
+                "database unreachable (%s); write-back of %d results retried in %.1f s",
+                str(exc.orig).strip().splitlines()[0] if exc.orig else exc,
+                len(finishes),
+                delay,
+            )
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
 
 def _written(store: Store, finishes: list[Finish], written: Written) -> list[Finish]:
@@ -222,7 +252,9 @@ def execute(
                 if hand_off is not None and freeing:
                     # A message's rows, and the rows handed to it, share one routed model.
                     target = hand_off.target(settings, ended[-1].routed_model, now, watch)
-                written = _write(store, finishes, now, target)
+                written = _write(
+                    store, finishes, now, target, settings.processing_timeout_ms / 1000.0
+                )
                 started = written.started
                 attempts.add(jobs(started))  # first: nothing below may strand them
                 report.handed_off += len(started)

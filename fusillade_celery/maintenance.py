@@ -1,4 +1,4 @@
-"""Periodic housekeeping (DESIGN.md section 6): finalize, expire, reap.
+"""Periodic housekeeping (docs/architecture.md section 6): finalize, expire, reap.
 
 Each function is one pass, safe to run concurrently with itself and with workers: every
 statement it issues is conditional on the state it expects.
@@ -10,7 +10,8 @@ import logging
 import time
 from collections.abc import Callable
 
-from .retry import expiry_grace_s
+from . import workers
+from .retry import backoff_s, expiry_grace_s
 from .settings import Settings
 from .store import Store
 
@@ -38,16 +39,29 @@ def finalize_now(store: Store, batch_ids: list[str] | None, now: float | None = 
 
 
 def reap(store: Store, settings: Settings, now: float | None = None) -> int:
-    """Return orphaned claims to pending so they run again (invariant 3)."""
+    """Return orphaned claims to pending so they run again (invariant 3); a request taken
+    back from a dead or silent worker's ``processing`` counts an attempt (``task_terminated``)
+    and fails once ``max_retries`` are spent.
+
+    The stale-heartbeat rule is applied only once this process has itself reached the
+    database for a whole stale threshold (``workers.db_reachable_for``): after a database
+    outage every worker's heartbeat is old, and a reaper that ran before the live workers
+    had beaten again took their running requests and sent them a second time."""
     now = time.time() if now is None else now
+    stale_s = settings.stale_worker_threshold_ms / 1000.0
+    stale_rule = workers.db_reachable_for() >= stale_s
+    if not stale_rule:
+        log.info("stale-worker rule paused: this process reached the database only just now")
     n = store.reap(
         now,
         settings.claim_timeout_ms / 1000.0,
         settings.processing_timeout_ms / 1000.0,
-        stale_worker_s=settings.stale_worker_threshold_ms / 1000.0,
+        stale_worker_s=stale_s if stale_rule else None,
+        max_retries=settings.max_retries,
+        retry_delay_s=backoff_s(0, settings),
     )
     if n:
-        log.warning("reaped %d orphaned requests back to pending", n)
+        log.warning("reaped %d orphaned requests (back to pending, or failed task_terminated)", n)
     return n
 
 

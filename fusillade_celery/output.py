@@ -1,4 +1,5 @@
-"""OpenAI-format views: the Batch object and the output / error file lines (DESIGN.md §7)."""
+"""OpenAI-format views: the Batch object and the output / error file lines
+(docs/architecture.md section 7)."""
 
 from __future__ import annotations
 

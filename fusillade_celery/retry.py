@@ -1,4 +1,4 @@
-"""Retry policy as pure functions (DESIGN.md section 5), unit-tested on their own."""
+"""Retry policy as pure functions (docs/architecture.md section 5), unit-tested on their own."""
 
 from __future__ import annotations
 

@@ -81,7 +81,12 @@ def _pairs(raw: str) -> list[tuple[str, str]]:
 
 
 def _model_limits(raw: str) -> dict[str, int]:
-    limits = {name: int(value) for name, value in _pairs(raw)}
+    limits = {}
+    for name, value in _pairs(raw):
+        try:
+            limits[name] = int(value)
+        except ValueError:
+            raise ValueError(f"expected model=integer, got {name}={value}") from None
     bad = [n for n, v in limits.items() if v < 1]
     if bad:
         raise ValueError(f"limits must be >= 1 (model {bad[0]!r})")
@@ -100,6 +105,54 @@ def _statuses(raw: str) -> frozenset[int]:
     return frozenset(codes)
 
 
+def _http_url(raw: str) -> str:
+    """An http(s) base URL with a host, without its trailing slash: a typo here (a missing
+    scheme, a stray space) would otherwise surface only as every request failing upstream."""
+    url = raw.strip().rstrip("/")
+    if not re.fullmatch(r"https?://[^\s/?#]+(/[^\s]*)?", url):
+        raise ValueError(f"expected an http(s) URL like http://host:8000, got {redact_url(raw)!r}")
+    return url
+
+
+def _database_url(raw: str) -> str:
+    """A URL SQLAlchemy can parse (checked here, so a bad value is one line naming the
+    variable rather than an ``ArgumentError`` traceback where the engine is built)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        make_url(raw)
+    except ArgumentError:
+        raise ValueError(
+            f"expected a database URL like postgresql+psycopg://user:pass@host/db or "
+            f"sqlite:///path, got {redact_url(raw)!r}"
+        ) from None
+    return raw
+
+
+def _url_prefixes(raw: str) -> tuple[str, ...]:
+    return tuple(_http_url(p) for p in _csv(raw))
+
+
+def _fernet_key(raw: str) -> str:
+    """A Fernet key (``Fernet.generate_key()``: 32 url-safe base64-encoded bytes)."""
+    from cryptography.fernet import Fernet
+
+    try:
+        Fernet(raw.strip().encode())
+    except ValueError:
+        raise ValueError(
+            "expected a Fernet key (python -c 'from cryptography.fernet import Fernet; "
+            "print(Fernet.generate_key().decode())')"
+        ) from None
+    return raw.strip()
+
+
+def _window(raw: str) -> str:
+    parse_duration_s(raw)
+    return raw.strip()
+
+
 def _routes(raw: str) -> dict[str, Route]:
     """JSON ``{"model": {"url": ..., "api_key" | "api_key_env": ...}}``, or ``@path`` to one."""
     text = Path(raw[1:]).read_text() if raw.startswith("@") else raw
@@ -113,7 +166,11 @@ def _routes(raw: str) -> dict[str, Route]:
         if not isinstance(spec, dict) or not isinstance(spec.get("url"), str):
             raise ValueError(f"route for {model!r} needs a 'url'")
         key = spec.get("api_key") or os.environ.get(spec.get("api_key_env") or "", "")
-        routes[model] = Route(url=spec["url"].rstrip("/"), api_key=key)
+        try:
+            url = _http_url(spec["url"])
+        except ValueError as exc:
+            raise ValueError(f"route for {model!r}: {exc}") from None
+        routes[model] = Route(url=url, api_key=key)
     return routes
 
 
@@ -131,7 +188,10 @@ def parse_duration_s(raw: str) -> int:
     m = re.fullmatch(r"\s*(\d+)\s*([smhd])\s*", raw or "")
     if not m:
         raise ValueError(f"expected a duration like '24h', '30m' or '90s', got {raw!r}")
-    return int(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+    seconds = int(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+    if seconds < 1:  # a batch that expires as it is created would only ever fail
+        raise ValueError(f"must be at least 1s, got {raw!r}")
+    return seconds
 
 
 def _env(parser: Callable[[str], Any], default: Any, doc: str) -> Any:
@@ -147,10 +207,20 @@ def _env(parser: Callable[[str], Any], default: Any, doc: str) -> Any:
 class Settings:
     """Every knob of the engine. Build with :meth:`from_env`; override with :meth:`replace`."""
 
-    database_url: str = _env(_str, DEFAULT_DATABASE_URL, "state of record (SQLAlchemy URL)")
+    database_url: str = _env(
+        _database_url, DEFAULT_DATABASE_URL, "state of record (SQLAlchemy URL)"
+    )
     broker_url: str = _env(_str, "", "Celery broker; empty = in-process (embedded mode)")
-    upstream_url: str = _env(_str, "", "default upstream base URL for models without a route")
+    upstream_url: str = _env(_http_url, "", "default upstream base URL for models without a route")
     upstream_api_key: str = _env(_str, "", "API key for the default upstream")
+    allowed_upstreams: tuple[str, ...] = _env(
+        _url_prefixes, (), "URL prefixes a batch's own upstream must start with (empty: any)"
+    )
+    batch_api_key: str = _env(_str, "", "API key the CLI sends to its --upstream (never printed)")
+    completion_window: str = _env(_window, "24h", "default deadline of a batch (CLI), e.g. 24h")
+    secret_key: str = _env(
+        _fernet_key, "", "Fernet key: batch API keys are stored encrypted with it (empty: in clear)"
+    )
     routes: dict[str, Route] = _env(_routes, {}, "per-model routes: JSON or @file")
     model_limits: dict[str, int] = _env(_model_limits, {}, "max in flight per model: gpt-4=8,b=3")
     default_model_limit: int = _env(_positive, 10, "limit for models not in model_limits")
@@ -230,14 +300,51 @@ class Settings:
 
     def __repr__(self) -> str:
         shown = {
-            f.name: getattr(self, f.name)
-            for f in dataclasses.fields(self)
-            if f.name not in ("upstream_api_key", "retry_statuses")
+            f.name: shown_value(f.name, getattr(self, f.name)) for f in dataclasses.fields(self)
         }
-        shown["upstream_api_key"] = "***" if self.upstream_api_key else ""
-        shown["database_url"] = redact_url(self.database_url)
-        shown["broker_url"] = redact_url(self.broker_url)
         return f"Settings({shown})"
+
+
+#: Settings whose value is a secret: shown as ``***`` wherever settings are printed.
+SECRET_FIELDS = frozenset({"upstream_api_key", "batch_api_key", "secret_key"})
+#: Settings holding URLs, which may carry ``user:password@``.
+URL_FIELDS = frozenset({"database_url", "broker_url", "upstream_url"})
+#: ``FUSILLADE_*`` names read outside :class:`Settings` (by Celery's config loader and the
+#: test suite), so they are not reported as unknown.
+OTHER_ENV_NAMES = frozenset(
+    {"FUSILLADE_CELERY_CONFIG", "FUSILLADE_TEST_PG", "FUSILLADE_TEST_REDIS"}
+)
+
+
+def shown_value(name: str, value: Any) -> str:
+    """A setting's value as printed: secrets masked, URLs without passwords, sets compact."""
+    if name in SECRET_FIELDS:
+        return "***" if value else ""
+    if name in URL_FIELDS:
+        return redact_url(str(value))
+    if name == "allowed_upstreams":
+        return ",".join(redact_url(p) for p in value)
+    if name == "retry_statuses":
+        return _compact_statuses(value)
+    if name == "routes":
+        return ",".join(f"{m}={redact_url(r.url)}" for m, r in sorted(value.items()))
+    if name == "escalations":
+        return ",".join(f"{m}={e.model}:{e.threshold_s}" for m, e in sorted(value.items()))
+    if isinstance(value, dict):
+        return ",".join(f"{k}={v}" for k, v in sorted(value.items()))
+    if isinstance(value, tuple):
+        return ",".join(value)
+    return str(value)
+
+
+def _compact_statuses(codes: frozenset[int]) -> str:
+    parts = []
+    for base in range(100, 600, 100):
+        block = set(range(base, base + 100))
+        if block <= codes:
+            parts.append(f"{base // 100}xx")
+            codes = codes - block
+    return ",".join(parts + [str(c) for c in sorted(codes, reverse=True)])
 
 
 def redact_url(url: str) -> str:
@@ -246,16 +353,44 @@ def redact_url(url: str) -> str:
 
 
 def env_help() -> list[tuple[str, str, str]]:
-    """(env var, default, meaning) for every setting; the CLI prints this table."""
-    rows = []
+    """(env var, default, meaning) for every setting."""
     defaults = Settings()
+    return [
+        (
+            ENV_PREFIX + f.name.upper(),
+            shown_value(f.name, getattr(defaults, f.name)),
+            f.metadata["doc"],
+        )
+        for f in dataclasses.fields(Settings)
+    ]
+
+
+def env_table(
+    settings: Settings, environ: Mapping[str, str] | None = None
+) -> list[tuple[str, str, str, str]]:
+    """(env var, value in effect, "env" or "default", meaning) for every setting: what
+    ``fusillade-celery settings`` prints, so an operator sees what a process will run with."""
+    env = os.environ if environ is None else environ
+    rows = []
     for f in dataclasses.fields(Settings):
-        default = getattr(defaults, f.name)
-        if f.name == "retry_statuses":
-            default = "5xx,429,408,404"
-        elif isinstance(default, tuple):
-            default = ",".join(default)
-        elif isinstance(default, dict):
-            default = ""
-        rows.append((ENV_PREFIX + f.name.upper(), str(default), f.metadata["doc"]))
+        name = ENV_PREFIX + f.name.upper()
+        source = "env" if env.get(name) else "default"
+        rows.append(
+            (name, shown_value(f.name, getattr(settings, f.name)), source, f.metadata["doc"])
+        )
     return rows
+
+
+def unknown_env_names(environ: Mapping[str, str] | None = None) -> list[str]:
+    """``FUSILLADE_*`` variables that no setting reads, each with a suggestion when one is
+    close: a typo (``FUSILLADE_MODEL_LIMIT``) would otherwise silently leave the default."""
+    import difflib
+
+    env = os.environ if environ is None else environ
+    known = {ENV_PREFIX + f.name.upper() for f in dataclasses.fields(Settings)} | OTHER_ENV_NAMES
+    suffixes = {n[len(ENV_PREFIX) :]: n for n in known}
+    out = []
+    for name in sorted(n for n in env if n.startswith(ENV_PREFIX) and n not in known):
+        close = difflib.get_close_matches(name[len(ENV_PREFIX) :], list(suffixes), n=1, cutoff=0.8)
+        out.append(f"{name} (did you mean {suffixes[close[0]]}?)" if close else name)
+    return out

@@ -1,4 +1,4 @@
-"""The request state machine and the batch status it implies (DESIGN.md section 3).
+"""The request state machine and the batch status it implies (docs/architecture.md section 3).
 
 Every UPDATE in the store names the state it expects to leave; this table is the list of moves
 that exist, so a reviewer can check the store against one place.
@@ -23,9 +23,9 @@ class RequestState(enum.StrEnum):
 
 S = RequestState
 
-#: States that hold one of the model's slots (DESIGN.md invariant 4). ``retrying`` keeps its
-#: slot through the backoff: its message is already in the model queue and will start without
-#: passing the claimer again, so releasing the slot would let the model exceed its limit.
+#: States that hold one of the model's slots (docs/architecture.md invariant 4). ``retrying``
+#: keeps its slot through the backoff: its message is already in the model queue and will start
+#: without passing the claimer again, so releasing the slot would let the model exceed its limit.
 IN_FLIGHT = frozenset({S.CLAIMED, S.PROCESSING, S.RETRYING})
 TERMINAL = frozenset({S.COMPLETED, S.FAILED, S.CANCELED})
 NOT_TERMINAL = frozenset(set(S) - TERMINAL)

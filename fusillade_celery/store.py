@@ -2,7 +2,8 @@
 
 Tasks, the CLI and the submit helper call these methods and never hold a cursor. Every write
 that belongs to an execution is fenced: ``WHERE id = :id AND claim_token = :token AND state =
-:expected``, so a stale, duplicate or late message changes nothing (DESIGN.md invariant 2).
+:expected``, so a stale, duplicate or late message changes nothing (docs/architecture.md
+invariant 2).
 """
 
 from __future__ import annotations
@@ -57,6 +58,12 @@ S = RequestState
 F = TypeVar("F", bound=Callable[..., Any])
 log = logging.getLogger(__name__)
 DISCONNECT_RETRIES = 4
+#: How early a retrying row may start before its ``not_before`` (``Store.start``): the clock
+#: skew allowed between the worker that wrote the retry and the one that runs it.
+RETRY_EARLY_TOLERANCE_S = 1.0
+#: The error a request gets when the reaper takes it back from a worker that died or went
+#: silent while it was processing (fusillade's ``FailureReason::TaskTerminated``).
+TASK_TERMINATED_DETAIL = "the worker processing it died or stopped answering (reaped)"
 _IN_FLIGHT = sorted(s.value for s in IN_FLIGHT)
 _NOT_TERMINAL = sorted(s.value for s in NOT_TERMINAL)
 
@@ -209,6 +216,8 @@ class HandOff:
 
     model: str
     worker_id: str
+    #: The batches' sending cutoff is their deadline minus this (stop_before_deadline).
+    stop_before_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -301,6 +310,9 @@ class _ClaimQuery:
         pick = select(r.c.id).where(
             r.c.model == _p("model", Text),
             r.c.state == S.PENDING.value,
+            # Rows of a batch past its sending cutoff (expires_at - stop_before_deadline)
+            # are never claimed: their calls would start after the deadline.
+            r.c.deadline > _p("cutoff", Float),
             or_(r.c.not_before.is_(None), r.c.not_before <= self.now),
         )
         if deadline_before:
@@ -364,8 +376,15 @@ def _claim_params(
     now: float,
     deadline_before: float | None = None,
     worker: str | None = None,
+    stop_before_s: float = 0.0,
 ) -> dict[str, Any]:
-    params = {"p_model": model, "p_routed": routed, "p_token": token, "p_now": now}
+    params = {
+        "p_model": model,
+        "p_routed": routed,
+        "p_token": token,
+        "p_now": now,
+        "p_cutoff": now + stop_before_s,
+    }
     for name, value in (("deadline_before", deadline_before), ("worker", worker)):
         if value is not None:
             params["p_" + name] = value
@@ -407,6 +426,15 @@ def _start_statement(postgres: bool) -> Any:
         update(r)
         .where(_ids_bind(postgres), r.c.claim_token == _p("token", Text))
         .where(_fence_state(S.CLAIMED, S.RETRYING))
+        # A retrying row starts once its backoff is over (give or take the writers' clock
+        # skew): a redelivered original message (its worker was lost after the write-back)
+        # carries the same token and would otherwise send the retry early.
+        .where(
+            or_(
+                r.c.state == S.CLAIMED.value,
+                r.c.not_before <= _p("now", Float) + RETRY_EARLY_TOLERANCE_S,
+            )
+        )
         .values(state=S.PROCESSING.value, started_at=_p("now", Float), worker_id=_p("worker", Text))
     )
     if postgres:
@@ -683,10 +711,12 @@ class Store:
         batch_size: int,
         now: float,
         deadline_before: float | None = None,
+        stop_before_s: float = 0.0,
     ) -> tuple[str, list[Claimed]]:
         """Claim up to ``min(batch_size, limit - in-flight rows of routed_model)`` pending rows
-        of ``model``, earliest deadline then line order. Returns the fresh claim token stamped
-        on them (one per claim statement) and the rows. Serialized per routed model by an
+        of ``model``, earliest deadline then line order, of batches whose deadline minus
+        ``stop_before_s`` is still ahead. Returns the fresh claim token stamped on them (one
+        per claim statement) and the rows. Serialized per routed model by an
         advisory lock on PostgreSQL, so two claimers cannot overshoot the limit.
 
         On PostgreSQL that is three round trips (there were six): ``BEGIN`` with the lock, one
@@ -697,7 +727,9 @@ class Store:
         the slots freed meanwhile idle until the next trigger), so what it is held for, two
         round trips now rather than four, is what other workers' refills queue behind."""
         token = new_token()
-        params = _claim_params(model, routed_model, token, now, deadline_before)
+        params = _claim_params(
+            model, routed_model, token, now, deadline_before, stop_before_s=stop_before_s
+        )
         escalating = deadline_before is not None
         if self.is_postgres:
             with self._autocommit.begin() as conn:
@@ -794,7 +826,12 @@ class Store:
         if hand_off is not None:
             params.update(
                 _claim_params(
-                    hand_off.model, hand_off.model, new_token(), now, worker=hand_off.worker_id
+                    hand_off.model,
+                    hand_off.model,
+                    new_token(),
+                    now,
+                    worker=hand_off.worker_id,
+                    stop_before_s=hand_off.stop_before_s,
                 )
             )
         runs: list[int] = []
@@ -911,7 +948,7 @@ class Store:
             rows = conn.execute(
                 select(t.batches)
                 .where(t.batches.c.deleted_at.is_(None))
-                .order_by(t.batches.c.created_at.desc())
+                .order_by(t.batches.c.created_at.desc(), t.batches.c.id)
                 .limit(limit)
             ).mappings()
             return [dict(m) for m in rows]
@@ -1060,6 +1097,9 @@ class Store:
                         b.c.expires_at + grace_s <= now,
                         unfinished,
                     )
+                    # Locked in id order, as finalize_batches does: in different orders, an
+                    # expiry and a finalize pass over the same batches could deadlock.
+                    .order_by(b.c.id)
                     .with_for_update(of=b)  # against a concurrent finalizer
                 )
                 .scalars()
@@ -1075,7 +1115,11 @@ class Store:
                 conn.execute(
                     update(b)
                     .where(b.c.id == batch_id, _ACTIVE_BATCH)
-                    .values(finalizing_at=func.coalesce(b.c.finalizing_at, now), expired_at=now)
+                    .values(
+                        finalizing_at=func.coalesce(b.c.finalizing_at, now),
+                        expired_at=now,
+                        upstream_api_key=None,  # no call of it will run again
+                    )
                 )
                 expired.append(batch_id)
         return expired
@@ -1096,7 +1140,8 @@ class Store:
         if only is not None:
             pick = pick.where(b.c.id.in_(list(only)))
         with self._tx() as conn:
-            rows = conn.execute(pick.with_for_update(of=b)).all()
+            # Locked in id order, as expire_batches does (against a deadlock between them).
+            rows = conn.execute(pick.order_by(b.c.id).with_for_update(of=b)).all()
             for batch_id, cancelling_at, total in rows:
                 completed = conn.execute(
                     select(func.count()).where(
@@ -1104,7 +1149,10 @@ class Store:
                     )
                 ).scalar_one()
                 self._attach_result_files(conn, batch_id, now)
-                values: dict[str, Any] = {"finalizing_at": func.coalesce(b.c.finalizing_at, now)}
+                values: dict[str, Any] = {
+                    "finalizing_at": func.coalesce(b.c.finalizing_at, now),
+                    "upstream_api_key": None,  # no call of it will run again
+                }
                 if cancelling_at is not None:
                     values["cancelled_at"] = now
                 elif completed == 0 and total > 0:
@@ -1158,12 +1206,22 @@ class Store:
         processing_timeout_s: float,
         stale_worker_s: float | None = None,
         limit: int = 10_000,
+        max_retries: int | None = None,
+        retry_delay_s: float = 0.0,
     ) -> int:
-        """Orphaned claims back to pending (attempt kept, token cleared so the next claim
-        stamps a new one): claimed past the claim timeout, processing past the processing
-        timeout, retrying overdue by the claim timeout, or processing on a worker that is
-        marked dead or whose heartbeat is older than ``stale_worker_s``. At most ``limit``
-        rows per pass, so a mass failure does not become one giant transaction."""
+        """Orphaned claims back to pending (token cleared so the next claim stamps a new
+        one): claimed past the claim timeout, processing past the processing timeout,
+        retrying overdue by the claim timeout, or processing on a worker that is marked dead
+        or whose heartbeat is older than ``stale_worker_s``. At most ``limit`` rows per pass,
+        so a mass failure does not become one giant transaction.
+
+        A row taken back from ``processing`` had its call started (or about to start) by a
+        worker that died, froze or lost it: that counts as an attempt, with the reason
+        ``task_terminated``, as any other retriable failure would. It waits ``retry_delay_s``
+        before it can be claimed again, and once ``max_retries`` attempts are spent it fails
+        with that reason. Why: a request whose call kills its worker every time was retried
+        until its batch expired, killing a worker each time. Rows reaped from ``claimed`` or
+        ``retrying`` were never sent by this claim: their attempt count is kept."""
         r, w = t.requests, t.workers
         conditions = [
             and_(r.c.state == S.CLAIMED.value, r.c.claimed_at < now - claim_timeout_s),
@@ -1175,6 +1233,20 @@ class Store:
                 or_(w.c.status == "dead", w.c.last_heartbeat < now - stale_worker_s)
             )
             conditions.append(and_(r.c.state == S.PROCESSING.value, r.c.worker_id.in_(dead)))
+        was_processing = r.c.state == S.PROCESSING.value
+        spent = and_(
+            was_processing, r.c.attempt >= (max_retries if max_retries is not None else 2**31 - 1)
+        )
+        terminated = json.dumps(
+            {"kind": ErrorKind.TASK_TERMINATED.value, "detail": TASK_TERMINATED_DETAIL}
+        )
+        exhausted = json.dumps(
+            {
+                "kind": ErrorKind.TASK_TERMINATED.value,
+                "detail": TASK_TERMINATED_DETAIL,
+                "retries_exhausted": True,
+            }
+        )
         with self._tx() as conn:
             pick = (
                 select(r.c.id)
@@ -1185,9 +1257,49 @@ class Store:
             res = conn.execute(
                 update(r)
                 .where(r.c.id.in_(pick.scalar_subquery()), r.c.state.in_(_IN_FLIGHT))
-                .values(state=S.PENDING.value, claim_token=None, worker_id=None)
+                .values(
+                    state=case((spent, S.FAILED.value), else_=S.PENDING.value),
+                    failed_at=case((spent, now), else_=r.c.failed_at),
+                    attempt=r.c.attempt + case((and_(was_processing, ~spent), 1), else_=0),
+                    error=case((spent, exhausted), (was_processing, terminated), else_=r.c.error),
+                    not_before=case(
+                        (and_(was_processing, ~spent), now + retry_delay_s), else_=r.c.not_before
+                    ),
+                    claim_token=case((spent, r.c.claim_token), else_=None),
+                    worker_id=None,
+                )
             )
             return max(res.rowcount, 0)
+
+    @_on_disconnect_retry
+    def touch_started(self, held: Iterable[tuple[int, str]], now: float) -> int:
+        """Restart the processing clock of rows this worker holds but has not sent yet, or
+        has just sent after waiting for one of its ``-c`` slots: ``started_at`` is stamped
+        when a message starts its rows, and a row that then waited behind the worker's other
+        calls longer than the processing timeout was reaped while alive and sent twice.
+        Fenced on each row's token and ``processing``. Off the hot path: only rows that
+        waited are touched, by the cancel watcher, a statement per token every few seconds."""
+        by_token: dict[str, list[int]] = {}
+        for request_id, token in held:
+            by_token.setdefault(token, []).append(request_id)
+        if not by_token:
+            return 0
+        r = t.requests
+        changed = 0
+        with self._tx() as conn:
+            for token, ids in by_token.items():
+                res = conn.execute(
+                    update(r)
+                    .where(
+                        _ids_bind(self.is_postgres),
+                        r.c.claim_token == _p("token", Text),
+                        r.c.state == S.PROCESSING.value,
+                    )
+                    .values(started_at=now),
+                    {"p_ids": ids, "p_token": token},
+                )
+                changed += max(res.rowcount, 0)
+        return changed
 
     # ------------------------------------------------------------------ workers
 

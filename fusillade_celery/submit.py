@@ -17,11 +17,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from . import keyseal
 from .db import get_engine
 from .migrate import ensure_schema
 from .output import batch_object, batch_status, result_line
-from .settings import Settings, parse_duration_s
-from .states import TERMINAL_BATCH, RequestState
+from .queues import queue_for_model
+from .settings import Settings, parse_duration_s, redact_url
+from .states import TERMINAL_BATCH, BatchStatus, RequestState
 from .store import NotFound, Store
 from .validation import ByteLines, InputError, Limits, ParsedLine, Source, parse_lines
 
@@ -39,7 +41,19 @@ class _Hashing:
         self.bytes = 0
 
     def __iter__(self) -> Iterator[bytes]:
-        for line in self._lines:
+        n = 0
+        lines = iter(self._lines)
+        while True:
+            try:
+                line = next(lines)
+            except StopIteration:
+                return
+            except UnicodeDecodeError as exc:
+                # A text stream decodes as it is read: its bytes were not UTF-8.
+                raise InputError(
+                    f"not UTF-8 text ({exc.reason}; at or after this line)", line=n + 1
+                ) from None
+            n += 1
             if isinstance(line, str):
                 line = line.encode("utf-8", "surrogateescape")
             self.sha256.update(line)
@@ -51,6 +65,19 @@ def batch_upstream(url: str | None) -> str | None:
     """A batch's own upstream as it is stored (without a trailing slash), so whatever looks a
     batch up by it (the embedded resume) matches however the URL was typed."""
     return url.rstrip("/") if url else None
+
+
+def upstream_allowed(url: str, prefixes: tuple[str, ...]) -> bool:
+    """Whether a batch's own upstream is within ``FUSILLADE_ALLOWED_UPSTREAMS`` (empty:
+    anything goes). A prefix matches at a boundary only: ``https://api.example.com``
+    allows ``https://api.example.com/v1`` but not ``https://api.example.com.evil.net``."""
+    if not prefixes:
+        return True
+    url = url.rstrip("/")
+    return any(
+        url == p or (url.startswith(p) and (p.endswith("/") or url[len(p)] in "/?#"))
+        for p in prefixes
+    )
 
 
 def _check_metadata(metadata: dict[str, Any] | None) -> dict[str, str] | None:
@@ -108,7 +135,14 @@ class Client:
             raise InputError(str(exc), field="completion_window") from None
         meta = _check_metadata(metadata)
         if upstream is not None and not upstream.startswith(("http://", "https://")):
-            raise InputError(f"must be an http(s) URL, got {upstream!r}", field="upstream")
+            raise InputError(
+                f"must be an http(s) URL, got {redact_url(upstream)!r}", field="upstream"
+            )
+        if upstream is not None and not upstream_allowed(upstream, self.settings.allowed_upstreams):
+            raise InputError(
+                f"{redact_url(upstream)!r} is not within FUSILLADE_ALLOWED_UPSTREAMS",
+                field="upstream",
+            )
         limits = Limits(self.settings.max_line_bytes, self.settings.max_file_bytes)
         name, stream, hasher = _open(source)
         now = time.time()
@@ -134,11 +168,13 @@ class Client:
             "file_id": file_id,
             "endpoint": endpoint or "",  # the lines' own url, once read (make_batch)
             "completion_window": completion_window,
-            "expires_at": now + window_s,
+            # Whole seconds: the deadline the engine enforces is the ``expires_at`` the
+            # Batch object shows (an integer), never up to a second after it.
+            "expires_at": float(int(now) + window_s),
             "metadata": json.dumps(meta) if meta is not None else None,
             "owner": owner,
             "upstream_url": batch_upstream(upstream),
-            "upstream_api_key": api_key,
+            "upstream_api_key": keyseal.seal(api_key, self.settings.secret_key),
             "models": "[]",
             "total_requests": 0,
             "created_at": now,
@@ -192,6 +228,36 @@ class Client:
             log.warning("could not nudge the claimer (%s); beat will pick the batch up", exc)
 
     # ------------------------------------------------------------------ read
+
+    def wait_batch(
+        self, batch_id: str, timeout: float | None = None, poll_s: float = 0.5
+    ) -> dict[str, Any]:
+        """Block until the batch is finished (completed, failed, expired or cancelled) and
+        return its Batch object; ``TimeoutError`` after ``timeout`` seconds (None: no limit)."""
+        until = None if timeout is None else time.monotonic() + timeout
+        while True:
+            batch = self.get_batch(batch_id, counts_max_age_s=poll_s)
+            if BatchStatus(batch["status"]) in TERMINAL_BATCH:
+                return batch
+            if until is not None and time.monotonic() >= until:
+                raise TimeoutError(
+                    f"batch {batch_id} still {batch['status']} after {timeout} s "
+                    f"({batch['request_counts']})"
+                )
+            time.sleep(poll_s if until is None else max(0.0, min(poll_s, until - time.monotonic())))
+
+    def unserved_models(self, batch_id: str) -> list[str]:
+        """Models of a running batch whose queue no live worker consumes (with a broker: the
+        claimer leaves their requests pending until one starts). Empty when embedded."""
+        row = self.store.get_batch_row(batch_id)
+        if self.settings.embedded or batch_status(row) in TERMINAL_BATCH:
+            return []
+        alive_after = time.time() - self.settings.stale_worker_threshold_ms / 1000.0
+        return [
+            model
+            for model in json.loads(row["models"])
+            if not self.store.consumer_concurrency(queue_for_model(model), alive_after)
+        ]
 
     def get_batch(self, batch_id: str, *, counts_max_age_s: float = 0.0) -> dict[str, Any]:
         """The OpenAI Batch object, with ``request_counts``.
@@ -251,6 +317,7 @@ class Client:
         """Soft delete (unfinished requests are cancelled first). The batch is no longer
         readable; the purge task erases its requests and responses in the background."""
         self.store.delete_batch(batch_id, time.time())
+        self._announce_cancel(batch_id)
 
     def delete_file(self, file_id: str) -> None:
         """Soft delete an input file; its request bodies are purged once no batch uses them."""
@@ -260,7 +327,17 @@ class Client:
         """Stop the batch: nothing new starts; unfinished requests end ``canceled``; finished
         results stay readable. Returns the Batch object (``cancelling``, then ``cancelled``)."""
         self.store.cancel_batch(batch_id, time.time())
+        self._announce_cancel(batch_id)
         return self.get_batch(batch_id)
+
+    def _announce_cancel(self, batch_id: str) -> None:
+        """With a broker: tell the workers now, so in-flight calls close within a second
+        rather than at their next cancel poll (``control.py``)."""
+        if self.notify:
+            from .app import app
+            from .control import announce_cancel
+
+            announce_cancel(app, [batch_id])
 
 
 def _template(file_id: str, line: ParsedLine) -> dict[str, Any]:
@@ -280,6 +357,8 @@ def _open(source: Source) -> tuple[str, Any, _Hashing | None]:
     """(file name, stream for the parser, hasher or None for dict iterables)."""
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
+        if path.is_dir():
+            raise InputError(f"{path} is a directory, not a JSONL file")
         if not path.is_file():
             raise InputError(f"no such file: {path}")
         hasher = _Hashing(_Lines(path))
@@ -325,6 +404,10 @@ def get_batch(batch_id: str) -> dict[str, Any]:
     return default_client().get_batch(batch_id)
 
 
+def wait_batch(batch_id: str, timeout: float | None = None) -> dict[str, Any]:
+    return default_client().wait_batch(batch_id, timeout)
+
+
 def iter_results(batch_id: str, errors: bool = False) -> Iterator[dict[str, Any]]:
     return default_client().iter_results(batch_id, errors=errors)
 
@@ -356,4 +439,5 @@ __all__ = [
     "iter_file",
     "iter_results",
     "submit_batch",
+    "wait_batch",
 ]

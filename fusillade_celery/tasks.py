@@ -15,6 +15,7 @@ from typing import Any
 from celery import Task, signals
 
 from . import claimer, execute, maintenance, upstream
+from . import control as _control  # noqa: F401  (registers the cancel broadcast command)
 from .app import app, get_settings, get_store
 from .cancel_watch import get_watch
 from .queues import direct_queue, queue_for_model
@@ -68,12 +69,18 @@ def publish_execute(routed_model: str, token: str, ids: Sequence[int]) -> None:
             )
 
 
+def consumed(routed_model: str) -> bool:
+    """Whether a live worker consumes the model's queue (``claimer.claim_model``); read
+    from the workers table at most once per heartbeat interval per process."""
+    return SIZER.consumed(get_store(), get_settings(), queue_for_model(routed_model))
+
+
 def _refill(store: Store, settings: Settings, model: str, batch_ids: list[str]) -> None:
     """Claim the slots just freed. Nothing left to claim means the model's work is running
     out: then the batches whose requests just ended may be finished, and closing them now
     rather than at beat's next finalize tick (up to ``claim_interval_ms``) is what a caller
     polling for ``completed`` sees. While there is work to claim, no finalize query runs."""
-    if claimer.claim_model(store, settings, publish_execute, model) == 0:
+    if claimer.claim_model(store, settings, publish_execute, model, consumed=consumed) == 0:
         maintenance.finalize_now(store, batch_ids)
 
 
@@ -127,7 +134,10 @@ def execute_requests(self: Task, routed_model: str, token: str, ids: list[int]) 
         wid,
         schedule_retry,
         get_watch(
-            store, settings.cancellation_poll_interval_ms / 1000.0, upstream.POOL_SIZE["size"]
+            store,
+            settings.cancellation_poll_interval_ms / 1000.0,
+            upstream.POOL_SIZE["size"],
+            settings.processing_timeout_ms / 1000.0,
         ),
         requests_ended,
         hand_off,
@@ -147,8 +157,10 @@ def execute_requests(self: Task, routed_model: str, token: str, ids: list[int]) 
 def claim(model: str | None = None) -> dict[str, int]:
     settings, store = get_settings(), get_store()
     if model is not None:
-        return {model: claimer.claim_model(store, settings, publish_execute, model)}
-    return claimer.claim_all(store, settings, publish_execute)
+        return {
+            model: claimer.claim_model(store, settings, publish_execute, model, consumed=consumed)
+        }
+    return claimer.claim_all(store, settings, publish_execute, consumed)
 
 
 @app.task(name="fusillade.finalize", ignore_result=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import os
 import threading
+import time
 import urllib.parse
 from dataclasses import dataclass
 from http.cookiejar import DefaultCookiePolicy
@@ -21,6 +22,7 @@ from requests.hooks import default_hooks
 from requests.structures import CaseInsensitiveDict
 from requests.utils import check_header_validity, get_encoding_from_headers
 
+from . import keyseal
 from .settings import Settings, redact_url
 from .states import ErrorKind
 from .store import WorkItem
@@ -168,15 +170,40 @@ def build_headers(item: WorkItem, api_key: str, settings: Settings) -> dict[str,
     return headers
 
 
+class NotAllowed(ValueError):
+    """A batch's own upstream is outside ``FUSILLADE_ALLOWED_UPSTREAMS`` of this worker."""
+
+
+@functools.lru_cache(maxsize=256)
+def _batch_upstream_allowed(url: str, prefixes: tuple[str, ...]) -> bool:
+    from .submit import upstream_allowed
+
+    return upstream_allowed(url, prefixes)
+
+
 def resolve(item: WorkItem, settings: Settings) -> tuple[str | None, str]:
     """(base URL, key) for the item: the batch's own upstream wins; else the routed model's
-    route. A batch-level URL never receives a key from settings (it may be another host)."""
+    route. A batch-level URL never receives a key from settings (it may be another host).
+
+    The worker checks a batch's own upstream against its own ``FUSILLADE_ALLOWED_UPSTREAMS``
+    too: the submitter's environment may differ from the workers' (``NotAllowed``). A key
+    stored sealed (``keyseal``) is opened here (``SealError`` when it cannot be)."""
     if item.upstream_url:
-        return item.upstream_url.rstrip("/"), item.api_key or ""
+        if settings.allowed_upstreams and not _batch_upstream_allowed(
+            item.upstream_url, settings.allowed_upstreams
+        ):
+            raise NotAllowed(
+                f"the batch's upstream {redact_url(item.upstream_url)!r} is not within "
+                "FUSILLADE_ALLOWED_UPSTREAMS of this worker"
+            )
+        key = keyseal.unseal(item.api_key, settings.secret_key) if item.api_key else ""
+        return item.upstream_url.rstrip("/"), key or ""
     route = settings.route_for(item.routed_model) or settings.route_for(item.model)
     if route is None:
         return None, ""
-    return route.url, item.api_key or route.api_key
+    if item.api_key:  # the batch's own key, for the model's route
+        return route.url, keyseal.unseal(item.api_key, settings.secret_key) or ""
+    return route.url, route.api_key
 
 
 def classify_status(status: int, settings: Settings) -> ErrorKind | None:
@@ -188,8 +215,17 @@ def classify_status(status: int, settings: Settings) -> ErrorKind | None:
 
 
 def attempt(session: requests.Session, item: WorkItem, settings: Settings) -> Outcome:
-    """Send one attempt and classify it (DESIGN.md section 5 outcome table)."""
-    base, api_key = resolve(item, settings)
+    """Send one attempt and classify it (docs/architecture.md section 5 outcome table).
+
+    Nothing is sent at or after the batch's cutoff, ``expires_at`` minus
+    ``stop_before_deadline``: a retry whose countdown ran late, or an attempt that waited for
+    a slot past the deadline, ends ``batch_expired`` instead (invariant 5)."""
+    if time.time() >= item.deadline - settings.stop_before_deadline_ms / 1000.0:
+        return Outcome(ErrorKind.BATCH_EXPIRED, detail="batch expired before this attempt started")
+    try:
+        base, api_key = resolve(item, settings)
+    except (NotAllowed, keyseal.SealError) as exc:
+        return Outcome(ErrorKind.BUILDER_ERROR, detail=str(exc))
     if base is None:
         return Outcome(
             ErrorKind.BUILDER_ERROR,

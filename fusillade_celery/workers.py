@@ -1,5 +1,5 @@
 """Worker registry and heartbeats: a row per worker process, so the reaper can tell a slow
-worker from a dead one (DESIGN.md section 6).
+worker from a dead one (docs/architecture.md section 6).
 
 The heartbeat runs in a daemon thread (a greenlet under ``-P gevent``, where threads are
 monkey-patched). A clean shutdown marks the row dead, so the reaper hands its requests back at
@@ -50,9 +50,13 @@ class Heartbeat:
         self.id = worker_id()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        #: Since when (monotonic) every heartbeat of this process has reached the database;
+        #: None while the last one failed.
+        self.reachable_since: float | None = None
 
     def start(self) -> None:
         self.beat()
+        self.reachable_since = time.monotonic()
         self._thread = threading.Thread(target=self._run, name="fusillade-heartbeat", daemon=True)
         self._thread.start()
 
@@ -66,7 +70,11 @@ class Heartbeat:
             try:
                 self.beat()
             except Exception as exc:  # the database may be away for a while; keep trying
+                self.reachable_since = None
                 log.warning("heartbeat failed: %s", exc)
+            else:
+                if self.reachable_since is None:
+                    self.reachable_since = time.monotonic()
 
     def stop(self) -> None:
         """Clean shutdown: stop beating and mark this worker dead."""
@@ -90,6 +98,18 @@ def start(
         hb.start()
         _current[os.getpid()] = hb
     return hb
+
+
+def db_reachable_for() -> float:
+    """How long this process's heartbeats have reached the database without a failure
+    (seconds; 0 while they fail; infinite in a process without a heartbeat, such as a test
+    or a client calling maintenance itself)."""
+    hb = _current.get(os.getpid())
+    if hb is None:
+        return float("inf")
+    if hb.reachable_since is None:
+        return 0.0
+    return time.monotonic() - hb.reachable_since
 
 
 def stop() -> None:

@@ -451,8 +451,8 @@ def test_attempts_sent_together_are_written_back_as_soon_as_the_last_is_in(
 def test_without_gevent_queued_attempts_of_a_cancelled_batch_never_reach_the_upstream(
     client: Client, settings: Settings, mock: MockUpstream, earlier_poll: str
 ) -> None:
-    """Threads pool / embedded mode (DESIGN.md invariant 6): with -c 1, a message of 4 slow
-    requests has one running and three queued when its batch is cancelled. The cancel poll
+    """Threads pool / embedded mode (docs/architecture.md invariant 6): with -c 1, a message of
+    4 slow requests has one running and three queued when its batch is cancelled. The cancel poll
     sees it; the queued three are skipped, not sent, and every row ends canceled. A poll
     that died earlier (of an error) is replaced, not taken for a running one."""
     watch = CancelWatch(client.store, poll_s=0.05, concurrency=1)
@@ -499,9 +499,9 @@ def cancel_while_queued(
 def test_an_attempt_that_waited_for_its_slot_asks_whether_its_batch_was_cancelled(
     client: Client, settings: Settings, mock: MockUpstream
 ) -> None:
-    """DESIGN.md invariant 6 with the default 5 s cancel poll: with -c 1, three of a message's
-    four slow requests wait for the slot when their batch is cancelled. While they wait the
-    watcher polls every CancelWatch.FRESH_S, so none of them is sent, long before the next
+    """docs/architecture.md invariant 6 with the default 5 s cancel poll: with -c 1, three of a
+    message's four slow requests wait for the slot when their batch is cancelled. While they
+    wait the watcher polls every CancelWatch.FRESH_S, so none of them is sent, long before the next
     5 s poll."""
     watch = CancelWatch(client.store, poll_s=5.0, concurrency=1)
     # join_s less than the poll interval

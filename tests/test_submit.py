@@ -1,5 +1,5 @@
 """Submitting: what is accepted, and every bad-input rule refusing with the line and field
-named and zero rows created (DESIGN.md invariant 7). Runs on SQLite and PostgreSQL."""
+named and zero rows created (docs/architecture.md invariant 7). Runs on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 

@@ -293,3 +293,68 @@ def test_flower_shows_tasks_with_ids_only(cluster: Cluster) -> None:
     finally:
         flower.terminate()
         flower.wait(20)
+
+
+def test_cancel_closes_in_flight_calls_within_a_second(cluster: Cluster) -> None:
+    """The workers' cancel poll runs every 5 s here (the default); the cancel broadcast is
+    what closes the in-flight upstream calls of a cancelled batch within a second of
+    ``cancel_batch`` returning (invariant 6, ``control.py``)."""
+    n = 20
+    batch_id = cluster.client.submit_batch(
+        [line(f"bc-{i:02d}", model="wide", mock_latency_ms=30000) for i in range(n)]
+    )
+    wait_for(
+        lambda: cluster.mock_stats()["in_flight"].get("wide", 0) == n,
+        30,
+        what="every slow call in flight",
+    )
+    cluster.client.cancel_batch(batch_id)
+    returned = time.time()
+    wait_for(
+        lambda: all(
+            e.get("outcome") == "disconnected"
+            for cs in cluster.calls_for("bc-").values()
+            for e in cs
+        ),
+        10,
+        what="the upstream to see every connection closed",
+    )
+    closed = [e["end"] - returned for cs in cluster.calls_for("bc-").values() for e in cs]
+    assert len(closed) == n
+    print(f"cancel broadcast: calls closed {max(closed) * 1000:.0f} ms after cancel returned")
+    assert max(closed) < 1.0
+    assert cluster.wait_done(batch_id, 30)["status"] == "cancelled"
+
+
+def test_cli_run_again_follows_the_batch_instead_of_submitting_it_twice(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """``run`` with a broker, interrupted with Ctrl-C, says the batch carries on in the
+    cluster; the same command again follows that batch (found by content) and writes its
+    results. Every line reaches the upstream once, not once per run."""
+    import signal
+
+    n = 60
+    src = tmp_path / "again.jsonl"
+    src.write_text(
+        "".join(
+            json.dumps(line(f"ag-{i:02d}", model="m1", mock_latency_ms=400)) + "\n"
+            for i in range(n)
+        )
+    )
+    cmd = [sys.executable, "-m", "fusillade_celery.cli", "run", str(src), "-q"]
+    first = subprocess.Popen(
+        cmd, env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    wait_for(lambda: len(cluster.calls_for("ag-")) >= 10, 60, what="the first calls")
+    first.send_signal(signal.SIGINT)
+    _, err = first.communicate(timeout=30)
+    assert first.returncode == 130, err
+    assert "carries on in the cluster" in err and "fusillade-celery cancel batch_" in err
+    again = subprocess.run(cmd, env=cluster.env, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr
+    assert "following batch_" in again.stderr and "submitted" not in again.stderr
+    assert f"completed: {n} completed, 0 failed" in again.stdout
+    assert len((tmp_path / "again.output.jsonl").read_text().splitlines()) == n
+    calls = cluster.calls_for("ag-")
+    assert len(calls) == n and all(len(c) == 1 for c in calls.values())

@@ -282,3 +282,69 @@ def test_redis_restart_mid_batch(
     finally:
         server.kill()
         server.wait(10)
+
+
+def test_no_claims_for_a_model_no_worker_consumes(faults: tuple[Cluster, Processes]) -> None:
+    """A batch for a model no worker consumes: nothing is claimed for its queue, so its
+    length stays 0 over several claim timeouts (5 s here) instead of growing by one message
+    each time the reaper took the rows back; ``status`` says that no worker consumes it."""
+    import subprocess
+    import sys
+
+    c, _ = faults
+    batch_id = c.client.submit_batch(
+        [line(f"uc-{i}", model="unserved") for i in range(5)], completion_window="1h"
+    )
+    r = redis.Redis.from_url(c.broker_url)
+    lengths = []
+    until = time.monotonic() + 12.0  # more than two claim timeouts
+    while time.monotonic() < until:
+        lengths.append(r.llen("model.unserved"))
+        time.sleep(0.5)
+    assert max(lengths) == 0
+    assert {row["state"] for row in c.client.store.request_rows(batch_id)} == {"pending"}
+    res = subprocess.run(
+        [sys.executable, "-m", "fusillade_celery.cli", "status", batch_id],
+        env=c.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert res.returncode == 0, res.stderr
+    assert "no live worker consumes model.unserved" in res.stderr
+    c.client.cancel_batch(batch_id)
+
+
+def test_no_call_at_or_after_the_deadline_on_a_busy_machine(
+    faults: tuple[Cluster, Processes],
+) -> None:
+    """Two CPU hogs beside the workers, an 8 s window, 20 always-503 requests and 5 good
+    ones: retries due just before the deadline run late and slots of failing rows free as
+    the deadline nears, yet no call starts at or after the ``expires_at`` the Batch object
+    shows (invariant 5)."""
+    import subprocess
+    import sys
+
+    hogs = [
+        subprocess.Popen(
+            [sys.executable, "-c", "import time\nt=time.time()+40\nwhile time.time()<t: pass"]
+        )
+        for _ in range(2)
+    ]
+    c, _ = faults
+    try:
+        lines = [line(f"dl-bad-{i:02d}", model="f2", mock_statuses=[503]) for i in range(20)]
+        lines += [line(f"dl-ok-{i}", model="f2", mock_latency_ms=100) for i in range(5)]
+        batch_id = c.client.submit_batch(lines, completion_window="8s")
+        expires_at = c.client.get_batch(batch_id)["expires_at"]
+        batch = c.wait_done(batch_id, 60)
+    finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait(10)
+    assert batch["status"] == "expired" or batch["request_counts"]["failed"] == 20
+    calls = [e for cs in c.calls_for("dl-").values() for e in cs]
+    late = [e for e in calls if e["start"] >= expires_at]
+    print(f"{len(calls)} calls, {len(late)} at or after expires_at")
+    assert late == []
+    assert batch["request_counts"]["completed"] == 5

@@ -4,6 +4,7 @@ classified as builder errors (never raised into the task)."""
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -23,7 +24,7 @@ def item(upstream_url: str | None, api_key: str | None = "sk-x", custom_id: str 
         model="m1",
         routed_model="m1",
         attempt=0,
-        deadline=0.0,
+        deadline=time.time() + 3600,
         url="/v1/chat/completions",
         body=json.dumps({"model": "m1", "messages": [{"role": "user", "content": "héllo"}]}),
         upstream_url=upstream_url,
