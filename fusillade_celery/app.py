@@ -210,6 +210,13 @@ def _require_settings(role: str) -> None:
         )
     for name in unknown_env_names():
         log.warning("unknown setting %s is ignored", name)
+    if settings.processing_timeout_ms < settings.timeout_ms:
+        log.warning(
+            "FUSILLADE_PROCESSING_TIMEOUT_MS (%d) is below FUSILLADE_TIMEOUT_MS (%d): a call "
+            "still running at the processing timeout is reaped and may be sent twice",
+            settings.processing_timeout_ms,
+            settings.timeout_ms,
+        )
 
 
 def _refuse(message: str) -> None:

@@ -52,6 +52,23 @@ def test_run_batch_in_process(sqlite_url: str, mock: MockUpstream) -> None:
     assert mock.state.peak["a"] <= 4 and mock.state.peak["b"] <= 2
 
 
+def test_embedded_concurrency_is_the_sum_of_the_limits(
+    sqlite_url: str, mock: MockUpstream
+) -> None:
+    """A model limit of 200 runs 200 requests at once in one embedded process (it peaked at
+    64, a cap ``run --help`` did not mention)."""
+    settings = Settings().replace(
+        database_url=sqlite_url, upstream_url=mock.url, model_limits={"big": 200}
+    )
+    client = Client(settings)
+    batch_id = client.submit_batch(
+        [line(f"c{i}", model="big", mock_latency_ms=1500) for i in range(300)]
+    )
+    batch = run_batch(client, batch_id)
+    assert batch["request_counts"] == {"total": 300, "completed": 300, "failed": 0}
+    assert 150 < mock.state.peak["big"] <= 200
+
+
 def test_two_batches_run_one_after_the_other_in_one_process(
     sqlite_url: str, mock: MockUpstream, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

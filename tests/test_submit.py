@@ -376,3 +376,19 @@ def test_pollers_may_take_cached_counts_but_a_finished_batch_reads_final_ones(
     batch = client.get_batch(batch_id, counts_max_age_s=60)
     assert batch["status"] == "completed"
     assert batch["request_counts"] == {"total": 2, "completed": 2, "failed": 0}
+
+
+def test_a_batch_upstream_outside_the_allowed_prefixes_is_refused(client: Client) -> None:
+    """With FUSILLADE_ALLOWED_UPSTREAMS set, a batch's own upstream must start with one of
+    the prefixes, at a path boundary; nothing is stored for a refused one."""
+    allowed = Client(
+        client.settings.replace(allowed_upstreams=("https://llm.internal", "http://127.0.0.1:9/v"))
+    )
+    for url in ("https://llm.internal.evil.net", "http://169.254.169.254", "http://127.0.0.1:9"):
+        with pytest.raises(InputError) as err:
+            allowed.submit_batch([line("a")], upstream=url)
+        assert err.value.field == "upstream" and "FUSILLADE_ALLOWED_UPSTREAMS" in str(err.value)
+    assert row_counts(client)["batches"] == 0
+    assert allowed.submit_batch([line("a")], upstream="https://llm.internal/")
+    assert allowed.submit_batch([line("a")], upstream="http://127.0.0.1:9/v/x")
+    assert row_counts(client)["batches"] == 2
