@@ -23,8 +23,9 @@ import threading
 import time
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Generic, TypeAlias, TypeVar
+from typing import Any, Generic, TypeAlias, TypeVar, cast
 
+from . import workers
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -127,8 +128,25 @@ class CancelWatch:
                 handle.kill(block=False)
         return len(victims)
 
-    def _unless_cancelled(self, batch_id: str, fn: Callable[[], T]) -> T | Aborted:
-        return Aborted(batch_id) if batch_id in self.cancelled else fn()
+    def _unless_cancelled(self, key: Hashable, batch_id: str, fn: Callable[[], T]) -> T | Aborted:
+        if batch_id in self.cancelled or self._lost(key):
+            return Aborted(batch_id)
+        return fn()
+
+    def _lost(self, key: Hashable) -> bool:
+        """Whether the row of this attempt was taken back while this process was frozen or
+        cut off (``workers.may_have_been_reaped``): then, and only then, one query asks
+        whether the row still holds the attempt's token. Why: a worker thawed after SIGCONT
+        sent the requests that had waited for its ``-c`` slots, though the reaper had given
+        them to another worker, which had already sent them."""
+        if not workers.may_have_been_reaped():
+            return False
+        try:
+            request_id, token = cast(tuple[int, str], key)  # execute's (id, token) keys
+            return not self.store.still_held(request_id, token)
+        except Exception as exc:  # noqa: BLE001 - unreachable database: nobody can reap either
+            log.warning("could not check whether a request is still held: %s", exc)
+            return False
 
     def _poll(self) -> set[str] | None:
         """Which batches of the attempts in flight are cancelled (None: nothing in flight or
@@ -171,7 +189,7 @@ class CancelWatch:
         else:
             slots.acquire()
         try:
-            return self._unless_cancelled(batch_id, fn)
+            return self._unless_cancelled(key, batch_id, fn)
         finally:
             slots.release()
 
@@ -183,7 +201,7 @@ class CancelWatch:
         since = self._waiting.pop(key, None)
         if since is not None and time.monotonic() - since > self.WAITED_S:
             self._waited.add(key)
-        return self._unless_cancelled(batch_id, fn)
+        return self._unless_cancelled(key, batch_id, fn)
 
     def _touch(self) -> None:
         """Restart the processing clock of the rows that wait for a slot or just got one

@@ -27,6 +27,14 @@ native thread and back for each new upstream connection, about 0.1 ms of CPU, wh
 third of the cost of opening the first 1,000 connections. A numeric host and port are
 resolved inline (``AI_NUMERICHOST | AI_NUMERICSERV``, which never looks anything up, so it
 cannot block); every other name goes to the resolver as before.
+
+5. Blocking sleeps in kombu and Celery under gevent. ``gevent.monkey.patch_all`` imports Celery's
+lazy proxies while it patches the existing locks, and with them ``kombu.utils.functional``,
+before ``time`` is patched: that module's ``from time import sleep`` keeps the real, blocking
+sleep, and ``retry_over_time`` (the consumer's reconnect loop) uses it. While the broker was
+away, every reconnect wait froze the whole worker process: no heartbeat for 14-22 s, so the
+reaper took its running requests as a dead worker's and sent them again. Modules that hold the
+original sleep get gevent's.
 """
 
 from __future__ import annotations
@@ -109,10 +117,42 @@ def patch_urllib3_zero_timeout_wait() -> None:
 
 
 def patch_gevent_waits() -> None:
-    """Apply 2., 3. and 4.: call once gevent has patched the process (a ``-P gevent`` worker)."""
+    """Apply 2. to 5.: call once gevent has patched the process (a ``-P gevent`` worker)."""
     patch_urllib3_zero_timeout_wait()
     patch_psycopg_gevent_wait()
     resolve_numeric_addresses_inline()
+    cooperative_library_sleeps()
+
+
+#: Modules that import ``sleep`` from ``time`` at their top, and may be imported before gevent
+#: patches ``time`` (see 5.).
+_SLEEPERS = (
+    "kombu.utils.functional",
+    "kombu.mixins",
+    "kombu.asynchronous.hub",
+    "kombu.transport.redis",
+    "kombu.transport.virtual.base",
+    "celery.worker.worker",
+    "celery.worker.consumer.consumer",
+)
+
+
+def cooperative_library_sleeps() -> list[str]:
+    """Give the modules of ``_SLEEPERS`` that hold the blocking sleep gevent's (see 5.);
+    returns their names."""
+    import sys
+
+    import gevent
+    from gevent import monkey
+
+    blocking = monkey.get_original("time", "sleep")
+    fixed = []
+    for name in _SLEEPERS:
+        module = sys.modules.get(name)
+        if module is not None and getattr(module, "sleep", None) is blocking:
+            module.sleep = gevent.sleep  # type: ignore[attr-defined]
+            fixed.append(name)
+    return fixed
 
 
 #: getaddrinfo flags that make it parse, never look up (see 4.).

@@ -1271,6 +1271,23 @@ class Store:
             )
             return max(res.rowcount, 0)
 
+    def still_held(self, request_id: int, token: str) -> bool:
+        """Whether the row is still processing under ``token`` (not reaped, cancelled or
+        ended meanwhile); asked before a call only when this worker may have been taken for
+        dead (``CancelWatch._lost``)."""
+        r = t.requests
+        with self._one() as conn:
+            return (
+                conn.execute(
+                    select(r.c.id).where(
+                        r.c.id == request_id,
+                        r.c.claim_token == token,
+                        r.c.state == S.PROCESSING.value,
+                    )
+                ).first()
+                is not None
+            )
+
     @_on_disconnect_retry
     def touch_started(self, held: Iterable[tuple[int, str]], now: float) -> int:
         """Restart the processing clock of rows this worker holds but has not sent yet, or

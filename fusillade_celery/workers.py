@@ -46,6 +46,9 @@ class Heartbeat:
         self.store = store
         self.concurrency = concurrency
         self.interval = settings.heartbeat_interval_ms / 1000.0
+        self.stale_s = settings.stale_worker_threshold_ms / 1000.0
+        #: When (monotonic) a heartbeat of this process last reached the database.
+        self.last_ok = time.monotonic()
         self.queues = queues
         self.id = worker_id()
         self._stop = threading.Event()
@@ -73,6 +76,7 @@ class Heartbeat:
                 self.reachable_since = None
                 log.warning("heartbeat failed: %s", exc)
             else:
+                self.last_ok = time.monotonic()
                 if self.reachable_since is None:
                     self.reachable_since = time.monotonic()
 
@@ -110,6 +114,15 @@ def db_reachable_for() -> float:
     if hb.reachable_since is None:
         return 0.0
     return time.monotonic() - hb.reachable_since
+
+
+def may_have_been_reaped() -> bool:
+    """Whether this process went long enough without a heartbeat (frozen: SIGSTOP, a stalled
+    VM; or cut off from the database) that the reaper may have taken its requests as a dead
+    worker's: half the stale threshold, a margin for clocks and the reaper's cadence. A
+    float comparison, cheap enough to ask before every upstream call."""
+    hb = _current.get(os.getpid())
+    return hb is not None and time.monotonic() - hb.last_ok > hb.stale_s / 2
 
 
 def stop() -> None:
