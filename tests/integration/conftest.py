@@ -22,7 +22,8 @@ import redis
 import requests
 
 from fusillade_celery.app import configure
-from fusillade_celery.db import normalize_url
+from fusillade_celery.db import dispose_all, get_engine, normalize_url
+from fusillade_celery.migrate import upgrade
 from fusillade_celery.settings import Settings
 from fusillade_celery.submit import Client
 
@@ -68,6 +69,18 @@ class Cluster:
 
     def logs(self) -> str:
         return "\n".join(p.read_text(errors="replace") for p in self.log_dir.glob("*.log"))
+
+
+def migrated_template(admin_url: str) -> str:
+    """A new database on the server of ``admin_url``, migrated to head, to pass to
+    ``running_cluster`` as its ``pg_template`` (the session's ``pg_template`` fixture is on
+    the shared server; a test with a private server makes its own). Returns its name."""
+    name = services.create_database(admin_url)
+    engine = get_engine(normalize_url(services.with_db(admin_url, name)))
+    upgrade(engine)
+    engine.dispose()
+    dispose_all()
+    return name
 
 
 def _celery(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
