@@ -265,6 +265,7 @@ class CancelWatch:
                     self._watcher = None
                     self.cancelled = set()
                     self._waited = set()  # written back already: nothing to keep alive
+                    self._waiting.clear()
                     return
             cancelled = self._poll()
             if not cancelled or not kill:
@@ -349,8 +350,9 @@ class Attempts(Generic[T]):
     def close(self) -> None:
         pending, self._pending = self._pending, {}
         self._unfinished.clear()
-        for handle in pending:
+        for handle, (key, _, _) in pending.items():
             self.watch._inflight.pop(handle, None)
+            self.watch._waiting.pop(key, None)  # abandoned: nothing to keep alive
             self._stop(handle)
 
     # What a pool provides: start a job (its handle is put on the pool's queue of finished
@@ -448,18 +450,22 @@ class _ThreadAttempts(Attempts[T]):
         return handle.result()
 
     def _stop(self, handle: Any) -> None:
-        handle.cancel()  # a job cancelled before it started stays in _waiting: touch is fenced
+        handle.cancel()
 
 
-_watches: dict[int, CancelWatch] = {}
+#: This process's watches, by (pid, -c, database): a worker has one; an embedded run in a
+#: process that ran another with another concurrency or database file gets its own (the first
+#: one's pool has its -c, and its polls ask its database).
+_watches: dict[tuple[int, int, str], CancelWatch] = {}
 
 
 def cancel_now(batch_ids: Iterable[str]) -> int:
-    """``CancelWatch.cancel_now`` on this process's watch, if it has one."""
+    """``CancelWatch.cancel_now`` on this process's watches."""
     import os
 
-    watch = _watches.get(os.getpid())
-    return 0 if watch is None else watch.cancel_now(batch_ids)
+    wanted = list(batch_ids)
+    pid = os.getpid()
+    return sum(w.cancel_now(wanted) for (p, _, _), w in list(_watches.items()) if p == pid)
 
 
 def get_watch(
@@ -467,9 +473,8 @@ def get_watch(
 ) -> CancelWatch:
     import os
 
-    watch = _watches.get(os.getpid())
+    key = (os.getpid(), concurrency, str(store.engine.url))
+    watch = _watches.get(key)
     if watch is None:
-        watch = _watches[os.getpid()] = CancelWatch(
-            store, poll_s, concurrency, processing_timeout_s
-        )
+        watch = _watches[key] = CancelWatch(store, poll_s, concurrency, processing_timeout_s)
     return watch

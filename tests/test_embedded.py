@@ -52,9 +52,7 @@ def test_run_batch_in_process(sqlite_url: str, mock: MockUpstream) -> None:
     assert mock.state.peak["a"] <= 4 and mock.state.peak["b"] <= 2
 
 
-def test_embedded_concurrency_is_the_sum_of_the_limits(
-    sqlite_url: str, mock: MockUpstream
-) -> None:
+def test_embedded_concurrency_is_the_sum_of_the_limits(sqlite_url: str, mock: MockUpstream) -> None:
     """A model limit of 200 runs 200 requests at once in one embedded process (it peaked at
     64, a cap ``run --help`` did not mention)."""
     settings = Settings().replace(
