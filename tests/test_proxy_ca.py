@@ -17,6 +17,7 @@ import socket
 import ssl
 import subprocess
 import threading
+import time
 import urllib.parse
 from collections.abc import Iterator, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -48,7 +49,7 @@ def item(base_url: str, custom_id: str = "c1") -> WorkItem:
         model="m1",
         routed_model="m1",
         attempt=0,
-        deadline=0.0,
+        deadline=time.time() + 3600,  # not expired
         url=PATH,
         body=json.dumps(line(custom_id)["body"]),
         upstream_url=base_url,
