@@ -1,16 +1,20 @@
 """One upstream attempt: build the HTTP request, send it, classify what came back.
 
 The session is per process and pooled to the worker's concurrency, so connections to the
-upstream are reused across tasks (keep-alive) instead of a TCP handshake per request.
+upstream are reused across tasks (keep-alive) instead of a TCP handshake per request. The
+environment's proxy and CA bundle variables are read once, when the process builds it
+(``Egress``).
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import threading
 import time
 import urllib.parse
+import urllib.request
 from dataclasses import dataclass
 from http.cookiejar import DefaultCookiePolicy
 from typing import Any
@@ -20,12 +24,22 @@ from requests.adapters import HTTPAdapter
 from requests.cookies import RequestsCookieJar
 from requests.hooks import default_hooks
 from requests.structures import CaseInsensitiveDict
-from requests.utils import check_header_validity, get_encoding_from_headers
+from requests.utils import (
+    address_in_network,
+    check_header_validity,
+    get_encoding_from_headers,
+    is_ipv4_address,
+    is_valid_cidr,
+    prepend_scheme_if_needed,
+)
+from urllib3.util import parse_url
 
 from . import keyseal
 from .settings import Settings, redact_url
 from .states import ErrorKind
 from .store import WorkItem
+
+log = logging.getLogger(__name__)
 
 _session_lock = threading.Lock()
 _shared: dict[int, requests.Session] = {}
@@ -61,9 +75,9 @@ class _Adapter(HTTPAdapter):
     documents as the ones to override in a subclass. Together they were 8-9 % of a worker's
     CPU on an instant upstream.
 
-    - The connection pool for a URL is looked up once per scheme, host and port and kept
-      (while urllib3 keeps it open), instead of rebuilding urllib3's pool key from the URL on
-      every request.
+    - The connection pool for a URL is looked up once per scheme, host and port (and proxy,
+      if any) and kept (while urllib3 keeps it open), instead of rebuilding urllib3's pool key
+      from the URL on every request.
     - The response is built without copying cookies into it: this session refuses cookies
       (get_session), so there is nothing to copy."""
 
@@ -78,14 +92,18 @@ class _Adapter(HTTPAdapter):
     ) -> Any:
         url = request.url or ""
         origin_end = url.find("/", url.find("//") + 2)
-        key = (url if origin_end < 0 else url[:origin_end], str(verify), cert)
-        pool = None if proxies else self._pools.get(key)
+        origin = url if origin_end < 0 else url[:origin_end]
+        if proxies:  # the pool of a proxied request is the proxy's (or a tunnel through it)
+            # The proxies themselves, not select_proxy's pick: it parses the URL (5 us).
+            key: tuple[Any, ...] = (origin, str(verify), cert, tuple(proxies.items()))
+        else:
+            key = (origin, str(verify), cert)
+        pool = self._pools.get(key)
         if pool is None or pool.pool is None:  # unknown, or closed since
             pool = super().get_connection_with_tls_context(request, verify, proxies, cert)
-            if not proxies:
-                if len(self._pools) >= self.MAX_POOLS:
-                    self._pools.clear()
-                self._pools[key] = pool
+            if len(self._pools) >= self.MAX_POOLS:
+                self._pools.clear()
+            self._pools[key] = pool
         return pool
 
     def close(self) -> None:
@@ -109,10 +127,161 @@ class _Adapter(HTTPAdapter):
 #: (``tasks.py`` records it), so every concurrent task can hold a kept-alive connection.
 POOL_SIZE = {"size": 64}
 
+#: The proxies of a request sent direct. Shared, never modified.
+NO_PROXIES: dict[str, str] = {}
+
+#: The variables a CA bundle is read from, first set wins: requests' own two, then OpenSSL's.
+CA_BUNDLE_VARS = ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "SSL_CERT_FILE")
+
+
+class Egress:
+    """The proxies and CA bundle of the environment, as requests would apply them
+    (``HTTP_PROXY``, ``HTTPS_PROXY``, ``ALL_PROXY``, ``NO_PROXY``, lower case winning;
+    ``CA_BUNDLE_VARS``), read once: the session ignores the environment (``trust_env`` off),
+    since requests would read it again on every request.
+
+    ``proxies`` is empty when no proxy variable is set, so a request's proxies then cost one
+    test; otherwise ``proxies_for`` decides once per distinct base URL whether NO_PROXY
+    sends it direct."""
+
+    def __init__(self) -> None:
+        found = urllib.request.getproxies_environment()  # what requests.utils.getproxies reads
+        self.no_proxy: str | None = found.get("no")
+        #: Only the keys requests looks up for an http(s) URL (select_proxy).
+        self.proxies: dict[str, str] = {k: found[k] for k in ("http", "https", "all") if k in found}
+        self.ca_bundle_var = next((v for v in CA_BUNDLE_VARS if os.environ.get(v)), None)
+        #: ``Session.verify``: the CA bundle (a file, or a directory as requests allows), or
+        #: True for requests' default (certifi).
+        self.verify: bool | str = os.environ[self.ca_bundle_var] if self.ca_bundle_var else True
+        self.secrets = {s for url in self.proxies.values() for s in _proxy_secrets(url)}
+        #: Why a proxy URL cannot be used (requests would fail every request through it);
+        #: None when all can.
+        self.unusable: str | None = None
+        for key, proxy in self.proxies.items():
+            why = self._check(proxy)
+            if why is not None:
+                self.unusable = f"{key}={_shown_proxy(proxy)} ({why})"
+                break
+        self._by_url: dict[str, dict[str, str]] = {}
+
+    def _check(self, proxy: str) -> str | None:
+        """What requests makes of a proxy URL when it sends through it, done once: None if it
+        can be used, else why not (credentials hidden)."""
+        adapter = HTTPAdapter()
+        try:
+            url = prepend_scheme_if_needed(proxy, "http")
+            if not parse_url(url).host:
+                raise requests.exceptions.InvalidProxyURL("no host")
+            adapter.proxy_manager_for(url)
+        except Exception as exc:  # noqa: BLE001 - any reason is reported, none is raised
+            text = redact_url(f"{type(exc).__name__}: {exc}")
+            for secret in self.secrets:
+                text = text.replace(secret, "***")
+            return text
+        finally:
+            adapter.close()
+        return None
+
+    def proxies_for(self, url: str) -> dict[str, str]:
+        """The proxies of a request to ``url`` (a base URL: a few distinct ones per process),
+        ``NO_PROXIES`` when NO_PROXY covers its host."""
+        proxies = self._by_url.get(url)
+        if proxies is None:
+            proxies = NO_PROXIES if _bypass(url, self.no_proxy) else self.proxies
+            if len(self._by_url) >= 1024:
+                self._by_url.clear()
+            self._by_url[url] = proxies
+        return proxies
+
+    def describe(self) -> str | None:
+        """One log line of what was found, credentials hidden; None when nothing was."""
+        parts = []
+        if self.proxies:
+            shown = ", ".join(f"{k}={_shown_proxy(v)}" for k, v in self.proxies.items())
+            parts.append(f"proxies {shown} (NO_PROXY={self.no_proxy or ''})")
+        if self.ca_bundle_var:
+            parts.append(f"CA bundle {self.verify} (from {self.ca_bundle_var})")
+        return "upstream requests: " + "; ".join(parts) if parts else None
+
+
+def _bypass(url: str, no_proxy: str | None) -> bool:
+    """requests' ``should_bypass_proxies`` on the NO_PROXY read at start (requests reads the
+    environment again on every call, and writes ``no_proxy`` into it when given one): ``*``,
+    or a list of hosts, domain suffixes (``.corp`` or ``corp``), ``host:port``, IPv4
+    addresses and CIDR blocks."""
+    parsed = urllib.parse.urlsplit(url)
+    host = parsed.hostname  # lower case
+    if host is None:
+        return True
+    if not no_proxy:
+        return False
+    if no_proxy.strip() == "*":
+        return True
+    try:
+        port = parsed.port
+    except ValueError:  # the request fails on it anyway (checked_url)
+        port = None
+    host_port = f"{host}:{port}" if port else host
+    ipv4 = is_ipv4_address(host)
+    for entry in no_proxy.replace(" ", "").split(","):
+        if not entry:
+            continue
+        if ipv4 and is_valid_cidr(entry) and address_in_network(host, entry):
+            return True
+        entry = entry.lstrip(".").lower()
+        if entry in (host, host_port) or host.endswith("." + entry):
+            return True
+        if host_port.endswith("." + entry):
+            return True
+    return False
+
+
+def _proxy_userinfo(url: str) -> tuple[str, str]:
+    """(what precedes the credentials, the credentials) of a proxy URL, with or without a
+    scheme; the credentials are empty when it has none."""
+    head, at, _ = url.rpartition("@")
+    if not at:
+        return "", ""
+    scheme, sep, userinfo = head.rpartition("//")
+    return scheme + sep, userinfo
+
+
+def _shown_proxy(url: str) -> str:
+    """A proxy URL fit for a log line: its user and password replaced by ``***``."""
+    prefix, userinfo = _proxy_userinfo(url)
+    return f"{prefix}***@{url.rpartition('@')[2]}" if userinfo else url
+
+
+def _proxy_secrets(url: str) -> set[str]:
+    """The credentials of a proxy URL (``user:pass``, the password, or a lone user that is a
+    token), as written and decoded, to keep out of error records."""
+    userinfo = _proxy_userinfo(url)[1]
+    user, _, password = userinfo.partition(":")
+    secrets = {userinfo, password} if password else {user}
+    return {form for s in secrets for form in (s, urllib.parse.unquote(s))} - {""}
+
+
+class _Session(requests.Session):
+    """A session whose redirects take the proxies the process read for their target, as
+    requests would from the environment (its own ``rebuild_proxies`` keeps the first hop's
+    when ``trust_env`` is off)."""
+
+    def rebuild_proxies(self, prepared_request: Any, proxies: Any) -> dict[str, str]:
+        egress = _egress
+        target = NO_PROXIES if not egress.proxies else egress.proxies_for(prepared_request.url)
+        return super().rebuild_proxies(prepared_request, target)
+
+
+#: What the process's session was built with (get_session; until then, the environment at
+#: import): read by every attempt.
+_egress = Egress()
+
 
 def get_session() -> requests.Session:
     """The process's shared session (requests.Session is safe for concurrent sends of
-    independent requests; its adapter pool is what bounds connections per host)."""
+    independent requests; its adapter pool is what bounds connections per host). Building it
+    reads the environment's proxies and CA bundle (``Egress``)."""
+    global _egress
     pool_size = POOL_SIZE["size"]
     pid = os.getpid()
     session = _shared.get(pid)
@@ -120,16 +289,43 @@ def get_session() -> requests.Session:
         with _session_lock:
             session = _shared.get(pid)
             if session is None:
-                session = requests.Session()
+                egress = Egress()
+                session = _Session()
                 adapter = _Adapter(pool_connections=16, pool_maxsize=pool_size, max_retries=0)
                 session.mount("http://", adapter)
                 session.mount("https://", adapter)
                 session.trust_env = False
+                session.verify = egress.verify
                 # Requests of a batch are independent: no cookie is kept or sent back
                 # (attempt() sends prepared requests, which would not carry them anyway).
                 session.cookies.set_policy(DefaultCookiePolicy(allowed_domains=[]))
+                _egress = egress
                 _shared[pid] = session
+                described = egress.describe()
+                if described:
+                    log.info("%s", described)
+                if egress.unusable:
+                    log.error(
+                        "unusable proxy %s; requests through it fail (retried) until it is "
+                        "fixed and the worker restarted",
+                        egress.unusable,
+                    )
+                if isinstance(egress.verify, str) and not os.path.exists(egress.verify):
+                    log.warning(
+                        "the CA bundle %s (%s) does not exist: HTTPS requests will fail",
+                        egress.verify,
+                        egress.ca_bundle_var,
+                    )
     return session
+
+
+def reset_session() -> None:
+    """Close and forget this process's session: the next ``get_session`` builds a new one and
+    reads the environment again (tests; a process that changed its proxy or CA variables)."""
+    with _session_lock:
+        session = _shared.pop(os.getpid(), None)
+    if session is not None:
+        session.close()
 
 
 def header_value(value: Any) -> str:
@@ -232,9 +428,11 @@ def attempt(session: requests.Session, item: WorkItem, settings: Settings) -> Ou
             detail=f"no upstream configured for model {item.routed_model!r}",
         )
     timeout = settings.timeout_ms / 1000.0
+    egress = _egress
     try:
         prepared = prepare(base + item.url, build_headers(item, api_key, settings), item.body)
-        resp = session.send(prepared, timeout=(min(timeout, 30.0), timeout), proxies={})
+        proxies = NO_PROXIES if not egress.proxies else egress.proxies_for(base)
+        resp = session.send(prepared, timeout=(min(timeout, 30.0), timeout), proxies=proxies)
         body = resp.text
     except requests.Timeout as exc:
         return Outcome(ErrorKind.TIMEOUT, detail=_short(exc, api_key))
@@ -245,8 +443,13 @@ def attempt(session: requests.Session, item: WorkItem, settings: Settings) -> Ou
         requests.exceptions.InvalidSchema,
         ValueError,
     ) as exc:
-        return Outcome(ErrorKind.BUILDER_ERROR, detail=_short(exc, api_key))
-    except requests.RequestException as exc:
+        # With an unusable proxy (logged at start) the error is likely the proxy's: the
+        # worker's setting, not the request's, so the request is retried, not failed.
+        failed = ErrorKind.BUILDER_ERROR if egress.unusable is None else ErrorKind.NETWORK_ERROR
+        return Outcome(failed, detail=_short(exc, api_key))
+    except OSError as exc:
+        # requests.RequestException, and the OSError requests raises when the CA bundle
+        # named in the environment does not exist (a worker's setting: retried).
         return Outcome(ErrorKind.NETWORK_ERROR, detail=_short(exc, api_key))
     request_id = resp.headers.get("x-request-id")
     kind = classify_status(resp.status_code, settings)
@@ -287,8 +490,8 @@ def prepare(url: str, headers: dict[str, str], body: str) -> requests.PreparedRe
     exchange itself. What they did that matters is kept: the URL is validated once
     (``checked_url``, with its credentials), header values that come from users are checked in
     ``build_headers``, and redirects are followed through a cookie jar that refuses cookies.
-    The session has no headers of its own (BASE_HEADERS are sent instead) and ignores the
-    environment (get_session)."""
+    The session has no headers of its own (BASE_HEADERS are sent instead) and reads the
+    environment once (get_session, ``Egress``)."""
     data = body.encode("utf-8")
     p = requests.PreparedRequest()
     p.method = "POST"
@@ -304,12 +507,14 @@ def prepare(url: str, headers: dict[str, str], body: str) -> requests.PreparedRe
 
 
 def _short(exc: BaseException, api_key: str = "") -> str:
-    """Exception text for the error record, with the key and URL credentials removed:
+    """Exception text for the error record, with the key, URL and proxy credentials removed:
     http.client's "Invalid header value b'Bearer ...'" quotes the whole header, escaped; so
     are other messages."""
     # Credentials in the URL (user:pass@, sent as Basic auth) are quoted by InvalidURL and
     # connection errors alike.
     text = redact_url(f"{type(exc).__name__}: {exc}")
+    for secret in _egress.secrets:  # a proxy's, however its URL was written
+        text = text.replace(secret, "***")
     if api_key:
         for form in {api_key, repr(api_key)[1:-1], repr(api_key.encode())[2:-1]}:
             text = text.replace(form, "***")
