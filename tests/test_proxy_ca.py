@@ -332,9 +332,7 @@ def test_proxy_credentials_reach_neither_the_log_nor_the_error_record(
 def self_signed(directory: Path, name: str) -> tuple[Path, Path]:
     openssl = shutil.which("openssl")
     if openssl is None:
-        pytest.fail(
-            "install the openssl CLI (Debian: apt-get install openssl): it makes the test certificates"
-        )
+        pytest.fail("install the openssl CLI (Debian: apt-get install openssl): it makes certs")
     cert, key = directory / f"{name}.pem", directory / f"{name}.key"
     subprocess.run(
         [openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"]

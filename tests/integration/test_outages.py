@@ -600,3 +600,87 @@ def test_upstream_that_never_answers(
         if dups:
             problems.append(text)
         verdict(c, problems)
+
+
+# ---------------------------------------------------------------------------- 5. all of them
+
+
+def test_chaos_sequence_on_one_batch(
+    private_pg: services.PostgresServer, redis_base: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """One batch of 5,000 requests through every fault in turn: a worker killed with
+    ``kill -9`` (and a replacement started), the broker flushed, PostgreSQL down for 8 s, the
+    other worker frozen past the stale threshold. Every request ends exactly once with a
+    response the upstream sent for it; the table printed says, per fault, how many requests
+    were sent again after their answer had come back. Only the freeze may cause any (what the
+    frozen worker had in flight: a frozen worker cannot be told from a dead one) and the kill
+    (an answer received but not yet written back when the process died)."""
+    import redis as redis_client
+
+    pg = private_pg
+    with running_cluster(
+        pg.url,
+        migrated_template(pg.url),
+        redis_base,
+        tmp_path_factory.mktemp("chaos"),
+        redis_db=7,
+        models=("chs",),
+        env_extra={"FUSILLADE_MODEL_LIMITS": "chs=60", **RECLAIM},
+    ) as (c, procs):
+        problems: list[str] = []
+        n = 5000
+        batch_id = c.client.submit_batch(
+            [line(f"cs-{i:04d}", model="chs", mock_latency_ms=150) for i in range(n)]
+        )
+        marks: list[tuple[str, float]] = [("the submit", time.time())]
+
+        def at(done: int, what: str) -> None:
+            wait_for(lambda: completed(c, batch_id) >= done, 120, what=f"{done} done before {what}")
+            marks.append((what, time.time()))
+
+        at(600, "kill -9")
+        procs.kill("w1", signal.SIGKILL)
+        procs.start_worker("w3")
+        at(1600, "broker flush")
+        redis_client.Redis.from_url(c.broker_url).flushdb()
+        at(2600, "PostgreSQL down")
+        pg.stop("immediate")
+        try:
+            time.sleep(8.0)
+        finally:
+            pg.start()
+        marks.append(("PostgreSQL back", time.time()))
+        at(3600, "SIGSTOP")
+        pid = c.procs["w2"].pid
+        os.killpg(pid, signal.SIGSTOP)
+        try:
+            time.sleep(STALE_S + 3.0)  # past the threshold and a reaper pass
+        finally:
+            os.killpg(pid, signal.SIGCONT)
+        marks.append(("SIGCONT", time.time()))
+        batch = wait_finished(c, batch_id, 180, problems)
+        marks.append(("the end", time.time()))
+        check_exactly_once(c, batch_id, batch, "cs-", n, problems)
+        dups = duplicate_sends(c.calls_for("cs-"))
+        caused = Counter(phase(d.again["start"], marks) for d in dups)
+        t0 = marks[0][1]
+        print("\nfault              at (s)   sent again after answered")
+        for name, when in marks[1:-1]:
+            print(f"{name:<18} {when - t0:7.1f}   {caused.get(name, 0)}")
+        print(f"batch {batch['status']} {batch['request_counts']} in {marks[-1][1] - t0:.1f} s")
+        # Inherent: the answered call was made by the killed or frozen worker before the
+        # fault (in flight, or answered and not yet written back), the second one after it.
+        fault_at = dict(marks)
+        inherent = [
+            d
+            for d in dups
+            if (name := phase(d.again["start"], marks)) in ("kill -9", "SIGSTOP")
+            and d.answered["start"] < fault_at[name]
+        ]
+        beyond = [d for d in dups if d not in inherent]
+        if beyond:
+            problems.append(
+                f"{len(beyond)} duplicate sends beyond what the killed or frozen worker had "
+                "in flight:\n" + describe(beyond, marks)
+            )
+        verdict(c, problems)
