@@ -55,8 +55,6 @@ class CancelWatch:
     #: and the others behind the query held theirs (instant upstream: 30 % more worker CPU a
     #: request, as fewer slots were handed on).
     FRESH_S = 0.1
-    #: A job that took longer than this from submission to start waited for a thread.
-    WAITED_S = 0.05
 
     def __init__(
         self,
@@ -68,15 +66,15 @@ class CancelWatch:
         self.store = store
         self.poll_s = max(poll_s, 0.01)  # a zero interval would spin on the database
         self.concurrency = concurrency
-        #: How often rows that wait for a ``-c`` slot (or just got one after waiting) have
-        #: their processing clock restarted (``Store.touch_started``): well within the
-        #: processing timeout, so the reaper never takes a row whose call has not started
-        #: or has just started.
+        #: Rows that have waited this long for a ``-c`` slot have their processing clock
+        #: restarted (``Store.touch_started``), and again after each further ``touch_s``:
+        #: at most a quarter of the processing timeout, so the reaper never takes a row
+        #: whose call has not started, and a call that starts after a wait has at least
+        #: three quarters of the timeout. Shorter waits, the common case, cost nothing.
         self.touch_s = min(max(processing_timeout_s / 4.0, 0.05), 5.0)
-        #: Attempts waiting for a slot: (request id, token) -> when they began to wait.
+        #: Attempts waiting for a slot: (request id, token) -> when they began to wait, or
+        #: were last touched.
         self._waiting: dict[Hashable, float] = {}
-        #: Attempts that got their slot after waiting, not yet touched since.
-        self._waited: set[Hashable] = set()
         self._touched_at = time.monotonic()
         self._semaphore: Any = None
         self._inflight: dict[Any, str] = {}  # unfinished greenlet or future -> its batch
@@ -176,8 +174,8 @@ class CancelWatch:
 
     def _limited(self, key: Hashable, batch_id: str, fn: Callable[[], T]) -> T | Aborted:
         """Run ``fn`` in one of the process's ``-c`` slots (greenlets). An attempt that has
-        to wait for one is registered as waiting meanwhile, and as having waited once it
-        runs, so the watcher keeps its row's processing clock from running out."""
+        to wait for one is registered as waiting meanwhile, so the watcher keeps its row's
+        processing clock from running out (``_touch``)."""
         slots = self._slots()
         if slots.locked():
             self._waiting[key] = time.monotonic()
@@ -185,7 +183,6 @@ class CancelWatch:
                 slots.acquire()
             finally:
                 self._waiting.pop(key, None)
-            self._waited.add(key)
         else:
             slots.acquire()
         try:
@@ -198,26 +195,28 @@ class CancelWatch:
         self._waiting[key] = time.monotonic()
 
     def _threaded(self, key: Hashable, batch_id: str, fn: Callable[[], T]) -> T | Aborted:
-        since = self._waiting.pop(key, None)
-        if since is not None and time.monotonic() - since > self.WAITED_S:
-            self._waited.add(key)
+        self._waiting.pop(key, None)
         return self._unless_cancelled(key, batch_id, fn)
 
     def _touch(self) -> None:
-        """Restart the processing clock of the rows that wait for a slot or just got one
-        after waiting (``Store.touch_started``), once per ``touch_s``."""
-        if time.monotonic() - self._touched_at < self.touch_s:
+        """Restart the processing clock of the rows that have waited ``touch_s`` for a slot
+        since they began to wait or were last touched (``Store.touch_started``). Checked on
+        the watcher's ticks, at most once per ``touch_s / 2``."""
+        now = time.monotonic()
+        if now - self._touched_at < self.touch_s / 2:
             return
-        self._touched_at = time.monotonic()
-        waited, self._waited = self._waited, set()
-        held = [*self._waiting.copy(), *waited]
-        if not held:
+        self._touched_at = now
+        due = [key for key, since in self._waiting.copy().items() if now - since >= self.touch_s]
+        if not due:
             return
         try:
-            self.store.touch_started(held, time.time())  # type: ignore[arg-type]
+            self.store.touch_started(due, time.time())  # type: ignore[arg-type]
         except Exception as exc:  # noqa: BLE001 - the next tick tries again
-            self._waited |= waited
             log.warning("could not restart the processing clock of waiting requests: %s", exc)
+            return
+        for key in due:
+            if key in self._waiting:
+                self._waiting[key] = now
 
     def _slots(self) -> Any:
         if self._semaphore is None:
@@ -264,8 +263,7 @@ class CancelWatch:
                 if not inflight:
                     self._watcher = None
                     self.cancelled = set()
-                    self._waited = set()  # written back already: nothing to keep alive
-                    self._waiting.clear()
+                    self._waiting.clear()  # nothing in flight: nothing waits
                     return
             cancelled = self._poll()
             if not cancelled or not kill:

@@ -69,10 +69,10 @@ def publish_execute(routed_model: str, token: str, ids: Sequence[int]) -> None:
             )
 
 
-def consumed(routed_model: str) -> bool:
-    """Whether a live worker consumes the model's queue (``claimer.claim_model``); read
+def consumed_in(store: Store, settings: Settings) -> claimer.Consumed:
+    """Whether a live worker consumes a routed model's queue (``claimer.claim_model``); read
     from the workers table at most once per heartbeat interval per process."""
-    return SIZER.consumed(get_store(), get_settings(), queue_for_model(routed_model))
+    return lambda routed_model: SIZER.consumed(store, settings, queue_for_model(routed_model))
 
 
 def _refill(store: Store, settings: Settings, model: str, batch_ids: list[str]) -> None:
@@ -80,6 +80,7 @@ def _refill(store: Store, settings: Settings, model: str, batch_ids: list[str]) 
     out: then the batches whose requests just ended may be finished, and closing them now
     rather than at beat's next finalize tick (up to ``claim_interval_ms``) is what a caller
     polling for ``completed`` sees. While there is work to claim, no finalize query runs."""
+    consumed = consumed_in(store, settings)
     if claimer.claim_model(store, settings, publish_execute, model, consumed=consumed) == 0:
         maintenance.finalize_now(store, batch_ids)
 
@@ -156,6 +157,7 @@ def execute_requests(self: Task, routed_model: str, token: str, ids: list[int]) 
 @app.task(name="fusillade.claim", ignore_result=True, acks_late=True)
 def claim(model: str | None = None) -> dict[str, int]:
     settings, store = get_settings(), get_store()
+    consumed = consumed_in(store, settings)
     if model is not None:
         return {
             model: claimer.claim_model(store, settings, publish_execute, model, consumed=consumed)

@@ -32,14 +32,14 @@ def test_requests_waiting_for_a_slot_are_not_reaped_and_sent_twice(
     client: Client, settings: Settings, mock: MockUpstream
 ) -> None:
     """Given a worker with -c 1 and one message of 5 requests of 0.6 s each, and a reaper
-    running every 0.1 s with a 1 s processing timeout: the last request waits 2.4 s for the
+    running every 0.1 s with a 1.5 s processing timeout: the last request waits 2.4 s for the
     slot, longer than the timeout. While the message runs, none of its rows is reaped, so
     each request is sent exactly once and every row completes under its first token (before
-    the fix the waiting rows were reaped at 1 s and their results fenced out)."""
-    s = settings.replace(processing_timeout_ms=1000)
+    the fix the waiting rows were reaped at 1.5 s and their results fenced out)."""
+    s = settings.replace(processing_timeout_ms=1500)
     batch_id = client.submit_batch([line(f"w{i}", mock_latency_ms=600) for i in range(5)])
     token, rows = client.store.claim("m1", "m1", 100, 100, time.time())
-    watch = CancelWatch(client.store, poll_s=5.0, concurrency=1, processing_timeout_s=1.0)
+    watch = CancelWatch(client.store, poll_s=5.0, concurrency=1, processing_timeout_s=1.5)
     stop = threading.Event()
     reaped: list[int] = []
 

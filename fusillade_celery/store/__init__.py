@@ -1,0 +1,46 @@
+"""All SQL of the engine, one method per statement group, named for what it does.
+
+Tasks, the CLI and the submit helper call these methods and never hold a cursor. Every write
+that belongs to an execution is fenced: ``WHERE id = :id AND claim_token = :token AND state =
+:expected``, so a stale, duplicate or late message changes nothing (docs/architecture.md
+invariant 2).
+"""
+
+from __future__ import annotations
+
+from ..states import TERMINAL
+from .base import (
+    Claimed,
+    Finish,
+    HandOff,
+    NotFound,
+    StoreBase,
+    WorkItem,
+    Written,
+    new_token,
+)
+from .batches import BatchStore
+from .claims import ClaimStore
+from .maintenance import MaintenanceStore
+from .submit import SubmitStore
+from .workers import WorkerStore
+
+
+class Store(SubmitStore, ClaimStore, BatchStore, MaintenanceStore, WorkerStore):
+    """The state of record, behind one interface. Works on PostgreSQL and on SQLite. Its
+    methods live in one module per concern (``claims``, ``batches``, ``maintenance``,
+    ``workers``, ``submit``); the hot statements in ``statements``."""
+
+
+__all__ = [
+    "Claimed",
+    "Finish",
+    "HandOff",
+    "NotFound",
+    "Store",
+    "StoreBase",
+    "TERMINAL",
+    "WorkItem",
+    "Written",
+    "new_token",
+]

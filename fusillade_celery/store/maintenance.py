@@ -1,0 +1,291 @@
+"""Maintenance statements: expiry, finalize, the reaper, purge, the embedded resume."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import (
+    Connection,
+    and_,
+    case,
+    delete,
+    exists,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
+
+from .. import schema as t
+from ..states import ErrorKind
+from .base import (
+    _ACTIVE_BATCH,
+    _IN_FLIGHT,
+    _NOT_TERMINAL,
+    TASK_TERMINATED_DETAIL,
+    S,
+    StoreBase,
+    _on_disconnect_retry,
+)
+
+
+class MaintenanceStore(StoreBase):
+    """What beat's periodic tasks and the embedded loop run."""
+
+    @_on_disconnect_retry
+    def expire_batches(self, now: float, grace_s: float) -> list[str]:
+        """Batches past ``expires_at + grace_s`` with requests unfinished: those fail
+        ``batch_expired`` (finished results are kept) and the batch reads ``expired``. A batch
+        whose requests all finished in time is left to the finalizer (``completed``), however
+        late its finalize pass comes."""
+        r, b = t.requests, t.batches
+        unfinished = exists(
+            select(r.c.id).where(r.c.batch_id == b.c.id, r.c.state.in_(_NOT_TERMINAL))
+        )
+        expired: list[str] = []
+        error = json.dumps(
+            {"kind": ErrorKind.BATCH_EXPIRED.value, "detail": "batch expired before completion"}
+        )
+        with self._tx() as conn:
+            ids = (
+                conn.execute(
+                    select(b.c.id)
+                    .where(
+                        _ACTIVE_BATCH,
+                        b.c.cancelling_at.is_(None),
+                        b.c.expires_at + grace_s <= now,
+                        unfinished,
+                    )
+                    # Locked in id order, as finalize_batches does: in different orders, an
+                    # expiry and a finalize pass over the same batches could deadlock.
+                    .order_by(b.c.id)
+                    .with_for_update(of=b)  # against a concurrent finalizer
+                )
+                .scalars()
+                .all()
+            )
+            for batch_id in ids:
+                conn.execute(
+                    update(r)
+                    .where(r.c.batch_id == batch_id, r.c.state.in_(_NOT_TERMINAL))
+                    .values(state=S.FAILED.value, failed_at=now, error=error)
+                )
+                self._attach_result_files(conn, batch_id, now)
+                conn.execute(
+                    update(b)
+                    .where(b.c.id == batch_id, _ACTIVE_BATCH)
+                    .values(
+                        finalizing_at=func.coalesce(b.c.finalizing_at, now),
+                        expired_at=now,
+                        upstream_api_key=None,  # no call of it will run again
+                    )
+                )
+                expired.append(batch_id)
+        return expired
+
+    @_on_disconnect_retry
+    def finalize_batches(self, now: float, only: Sequence[str] | None = None) -> list[str]:
+        """Active batches whose requests are all terminal get their closing timestamps:
+        finalizing, then completed / failed (nothing completed) / cancelled. ``only`` limits
+        the pass to those batches (a worker finalizing right after its last write-back).
+        Finalizers run concurrently (beat's and the workers'), so the batch rows are locked
+        and the closing update is conditional: each batch is closed once."""
+        r, b = t.requests, t.batches
+        unfinished = exists().where(r.c.batch_id == b.c.id, r.c.state.in_(_NOT_TERMINAL))
+        done: list[str] = []
+        pick = select(b.c.id, b.c.cancelling_at, b.c.total_requests).where(
+            _ACTIVE_BATCH, ~unfinished
+        )
+        if only is not None:
+            pick = pick.where(b.c.id.in_(list(only)))
+        with self._tx() as conn:
+            # Locked in id order, as expire_batches does (against a deadlock between them).
+            rows = conn.execute(pick.order_by(b.c.id).with_for_update(of=b)).all()
+            for batch_id, cancelling_at, total in rows:
+                completed = conn.execute(
+                    select(func.count()).where(
+                        r.c.batch_id == batch_id, r.c.state == S.COMPLETED.value
+                    )
+                ).scalar_one()
+                self._attach_result_files(conn, batch_id, now)
+                values: dict[str, Any] = {
+                    "finalizing_at": func.coalesce(b.c.finalizing_at, now),
+                    "upstream_api_key": None,  # no call of it will run again
+                }
+                if cancelling_at is not None:
+                    values["cancelled_at"] = now
+                elif completed == 0 and total > 0:
+                    values["failed_at"] = now
+                    values["errors"] = json.dumps(
+                        {
+                            "data": [
+                                {"code": "all_requests_failed", "message": "no request succeeded"}
+                            ]
+                        }
+                    )
+                else:
+                    values["completed_at"] = now
+                conn.execute(update(b).where(b.c.id == batch_id, _ACTIVE_BATCH).values(**values))
+                done.append(batch_id)
+        return done
+
+    def _attach_result_files(self, conn: Connection, batch_id: str, now: float) -> None:
+        """Create the output and error file records of a finished batch. Their contents are
+        rendered from the requests when read, so nothing is copied."""
+        b, f = t.batches, t.files
+        row = conn.execute(
+            select(b.c.output_file_id, b.c.error_file_id).where(b.c.id == batch_id)
+        ).one()
+        values = {}
+        for file_column, purpose in (
+            ("output_file_id", "batch_output"),
+            ("error_file_id", "batch_error"),
+        ):
+            if row._mapping[file_column] is None:
+                file_id = "file-" + uuid.uuid4().hex
+                conn.execute(
+                    insert(f).values(
+                        id=file_id,
+                        name=f"{batch_id}_{purpose.split('_')[1]}.jsonl",
+                        purpose=purpose,
+                        bytes=0,
+                        batch_id=batch_id,
+                        created_at=now,
+                    )
+                )
+                values[file_column] = file_id
+        if values:
+            conn.execute(update(b).where(b.c.id == batch_id).values(**values))
+
+    @_on_disconnect_retry
+    def reap(
+        self,
+        now: float,
+        claim_timeout_s: float,
+        processing_timeout_s: float,
+        stale_worker_s: float | None = None,
+        limit: int = 10_000,
+        max_retries: int | None = None,
+        retry_delay_s: float = 0.0,
+    ) -> int:
+        """Orphaned claims back to pending (token cleared so the next claim stamps a new
+        one): claimed past the claim timeout, processing past the processing timeout,
+        retrying overdue by the claim timeout, or processing on a worker that is marked dead
+        or whose heartbeat is older than ``stale_worker_s``. At most ``limit`` rows per pass,
+        so a mass failure does not become one giant transaction.
+
+        A row taken back from ``processing`` had its call started (or about to start) by a
+        worker that died, froze or lost it: that counts as an attempt, with the reason
+        ``task_terminated``, as any other retriable failure would. It waits ``retry_delay_s``
+        before it can be claimed again, and once ``max_retries`` attempts are spent it fails
+        with that reason. Why: a request whose call kills its worker every time was retried
+        until its batch expired, killing a worker each time. Rows reaped from ``claimed`` or
+        ``retrying`` were never sent by this claim: their attempt count is kept."""
+        r, w = t.requests, t.workers
+        conditions = [
+            and_(r.c.state == S.CLAIMED.value, r.c.claimed_at < now - claim_timeout_s),
+            and_(r.c.state == S.PROCESSING.value, r.c.started_at < now - processing_timeout_s),
+            and_(r.c.state == S.RETRYING.value, r.c.not_before < now - claim_timeout_s),
+        ]
+        if stale_worker_s is not None:
+            dead = select(w.c.id).where(
+                or_(w.c.status == "dead", w.c.last_heartbeat < now - stale_worker_s)
+            )
+            conditions.append(and_(r.c.state == S.PROCESSING.value, r.c.worker_id.in_(dead)))
+        was_processing = r.c.state == S.PROCESSING.value
+        spent = and_(
+            was_processing, r.c.attempt >= (max_retries if max_retries is not None else 2**31 - 1)
+        )
+        terminated = json.dumps(
+            {"kind": ErrorKind.TASK_TERMINATED.value, "detail": TASK_TERMINATED_DETAIL}
+        )
+        exhausted = json.dumps(
+            {
+                "kind": ErrorKind.TASK_TERMINATED.value,
+                "detail": TASK_TERMINATED_DETAIL,
+                "retries_exhausted": True,
+            }
+        )
+        with self._tx() as conn:
+            pick = (
+                select(r.c.id)
+                .where(r.c.state.in_(_IN_FLIGHT), or_(*conditions))
+                .limit(limit)
+                .with_for_update(skip_locked=True)
+            )
+            res = conn.execute(
+                update(r)
+                .where(r.c.id.in_(pick.scalar_subquery()), r.c.state.in_(_IN_FLIGHT))
+                .values(
+                    state=case((spent, S.FAILED.value), else_=S.PENDING.value),
+                    failed_at=case((spent, now), else_=r.c.failed_at),
+                    attempt=r.c.attempt + case((and_(was_processing, ~spent), 1), else_=0),
+                    error=case((spent, exhausted), (was_processing, terminated), else_=r.c.error),
+                    not_before=case(
+                        (and_(was_processing, ~spent), now + retry_delay_s), else_=r.c.not_before
+                    ),
+                    claim_token=case((spent, r.c.claim_token), else_=None),
+                    worker_id=None,
+                )
+            )
+            return max(res.rowcount, 0)
+
+    @_on_disconnect_retry
+    def purge_chunk(self, size: int) -> int:
+        """Delete up to ``size`` requests of soft-deleted batches, else up to ``size``
+        templates of soft-deleted files that no request references any more. Returns how many
+        rows went; 0 means nothing is left to purge.
+
+        A request is made from a template of its own batch's file (``submit``), so a file's
+        templates are unreferenced once no batch made from the file has a request left: a
+        look-up per file, by batch, where asking per template whether any request names it
+        read every request (there is no index on ``template_id``)."""
+        r, rt, b, f = t.requests, t.request_templates, t.batches, t.files
+        with self._tx() as conn:
+            doomed = (
+                select(r.c.id)
+                .where(r.c.batch_id.in_(select(b.c.id).where(b.c.deleted_at.is_not(None))))
+                .limit(size)
+            )
+            n = conn.execute(delete(r).where(r.c.id.in_(doomed.scalar_subquery()))).rowcount
+            if n:
+                return max(n, 0)
+            # One file a chunk, found by index look-ups (a request of a batch; a template of
+            # a file), written so the planner cannot turn them into scans of either table.
+            has_request = select(r.c.id).where(r.c.batch_id == b.c.id).limit(1)
+            in_use = exists().where(b.c.file_id == f.c.id, has_request.exists())
+            unused_file = (
+                select(f.c.id)
+                .where(
+                    f.c.deleted_at.is_not(None),
+                    select(rt.c.id).where(rt.c.file_id == f.c.id).limit(1).exists(),
+                    ~in_use,
+                )
+                .limit(1)
+                .scalar_subquery()
+            )
+            doomed_t = (
+                select(rt.c.id)
+                .where(rt.c.file_id == unused_file)
+                .order_by(rt.c.line_number)  # the (file, line) index, not a scan
+                .limit(size)
+            )
+            return max(
+                conn.execute(delete(rt).where(rt.c.id.in_(doomed_t.scalar_subquery()))).rowcount, 0
+            )
+
+    @_on_disconnect_retry
+    def requeue_in_flight(self, batch_id: str) -> int:
+        """Embedded resume: the previous process is gone, so its claims are orphans now."""
+        r = t.requests
+        with self._tx() as conn:
+            res = conn.execute(
+                update(r)
+                .where(r.c.batch_id == batch_id, r.c.state.in_(_IN_FLIGHT))
+                .values(state=S.PENDING.value, claim_token=None, worker_id=None, not_before=None)
+            )
+            return max(res.rowcount, 0)
