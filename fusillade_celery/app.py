@@ -123,10 +123,15 @@ def _consume_control_queue(sender: Any, instance: Any, **_: Any) -> None:
 
 @signals.worker_init.connect
 def _check_schema(**_: Any) -> None:
-    """Fail at start-up with a clear message, not on the first task, if not migrated."""
+    """Fail at start-up with a clear message, not on the first task, if not migrated (a
+    raised error would only be logged by Celery, and the worker would run)."""
+    from .db import SchemaError
     from .migrate import ensure_schema
 
-    ensure_schema(get_store().engine)
+    try:
+        ensure_schema(get_store().engine)
+    except SchemaError as exc:
+        _refuse(f"database: {exc}")
 
 
 @signals.worker_ready.connect
@@ -186,9 +191,19 @@ IN_PROCESS_WORKER = {"starting": False}
 @signals.import_modules.connect
 def _require_worker_settings(**_: Any) -> None:
     """Sent when a ``celery worker`` or ``celery beat`` process loads its task modules:
-    before the worker's banner and before either connects anywhere."""
-    if not IN_PROCESS_WORKER["starting"]:
-        _require_settings("worker or beat")
+    before the worker's banner and before either connects anywhere. Other celery commands
+    that load them (``flower``, ``shell``, ``report``) are left alone."""
+    role = _celery_command()
+    if not IN_PROCESS_WORKER["starting"] and role in ("worker", "beat"):
+        _require_settings(role)
+
+
+def _celery_command() -> str | None:
+    """``worker`` or ``beat`` when this process is ``celery ... worker|beat``, else None."""
+    for word in sys.argv[1:]:
+        if word in ("worker", "beat"):
+            return word
+    return None
 
 
 def _require_settings(role: str) -> None:

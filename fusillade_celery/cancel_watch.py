@@ -70,7 +70,8 @@ class CancelWatch:
         #: restarted (``Store.touch_started``), and again after each further ``touch_s``:
         #: at most a quarter of the processing timeout, so the reaper never takes a row
         #: whose call has not started, and a call that starts after a wait has at least
-        #: three quarters of the timeout. Shorter waits, the common case, cost nothing.
+        #: more than half of the timeout (a wait is noticed within ``touch_s / 2``). Shorter
+        #: waits, the common case, cost nothing.
         self.touch_s = min(max(processing_timeout_s / 4.0, 0.05), 5.0)
         #: Attempts waiting for a slot: (request id, token) -> when they began to wait, or
         #: were last touched.
@@ -80,6 +81,8 @@ class CancelWatch:
         self._inflight: dict[Any, str] = {}  # unfinished greenlet or future -> its batch
         #: Batches of attempts in flight found cancelled by the last poll.
         self.cancelled: set[str] = set()
+        #: Batches a cancel broadcast named (``cancel_now``), until nothing is in flight.
+        self.broadcast: set[str] = set()
         self._lock = threading.Lock()
         self._watcher: Any = None  # the watcher greenlet or thread
         self._pool: ThreadPoolExecutor | None = None
@@ -120,31 +123,37 @@ class CancelWatch:
         wanted = set(batch_ids)
         with self._lock:
             victims = [h for h, b in self._inflight.items() if b in wanted]
-            self.cancelled = self.cancelled | wanted
+            # Kept apart from the poll's answer, which may come from a query that began
+            # before the cancel committed and would otherwise erase these.
+            self.broadcast = self.broadcast | wanted
         for handle in victims:
             if hasattr(handle, "kill") and not handle.dead:
                 handle.kill(block=False)
         return len(victims)
 
-    def _unless_cancelled(self, key: Hashable, batch_id: str, fn: Callable[[], T]) -> T | Aborted:
-        if batch_id in self.cancelled or self._lost(key):
+    def _unless_cancelled(
+        self, key: Hashable, batch_id: str, fn: Callable[[], T], created: float
+    ) -> T | Aborted:
+        if batch_id in self.cancelled or batch_id in self.broadcast or self._lost(key, created):
             return Aborted(batch_id)
         return fn()
 
-    def _lost(self, key: Hashable) -> bool:
-        """Whether the row of this attempt was taken back while this process was frozen or
-        cut off (``workers.may_have_been_reaped``): then, and only then, one query asks
-        whether the row still holds the attempt's token. Why: a worker thawed after SIGCONT
-        sent the requests that had waited for its ``-c`` slots, though the reaper had given
-        them to another worker, which had already sent them."""
-        if not workers.may_have_been_reaped():
+    def _lost(self, key: Hashable, created: float) -> bool:
+        """Whether the row of this attempt (started at ``created``, monotonic) may have been
+        taken back while this process was frozen or cut off (``workers.may_have_been_reaped``):
+        then, and only then, one query asks whether the row still holds the attempt's token.
+        Why: a worker thawed after SIGCONT sent the requests that had waited for its ``-c``
+        slots, though the reaper had given them to another worker, which had sent them. A
+        check that fails counts as lost: not sending costs a reclaim (the row stays fenced
+        and is reaped), sending may cost a second paid call."""
+        if not workers.may_have_been_reaped(created):
             return False
         try:
             request_id, token = cast(tuple[int, str], key)  # execute's (id, token) keys
             return not self.store.still_held(request_id, token)
-        except Exception as exc:  # noqa: BLE001 - unreachable database: nobody can reap either
-            log.warning("could not check whether a request is still held: %s", exc)
-            return False
+        except Exception as exc:  # noqa: BLE001 - see the docstring
+            log.warning("could not check whether a request is still held; not sent: %s", exc)
+            return True
 
     def _poll(self) -> set[str] | None:
         """Which batches of the attempts in flight are cancelled (None: nothing in flight or
@@ -172,7 +181,9 @@ class CancelWatch:
                 )
             return self._pool
 
-    def _limited(self, key: Hashable, batch_id: str, fn: Callable[[], T]) -> T | Aborted:
+    def _limited(
+        self, key: Hashable, batch_id: str, fn: Callable[[], T], created: float
+    ) -> T | Aborted:
         """Run ``fn`` in one of the process's ``-c`` slots (greenlets). An attempt that has
         to wait for one is registered as waiting meanwhile, so the watcher keeps its row's
         processing clock from running out (``_touch``)."""
@@ -186,17 +197,21 @@ class CancelWatch:
         else:
             slots.acquire()
         try:
-            return self._unless_cancelled(key, batch_id, fn)
+            return self._unless_cancelled(key, batch_id, fn, created)
         finally:
             slots.release()
 
     def _queued(self, key: Hashable) -> None:
         """A job handed to the thread pool: waiting until ``_threaded`` starts it."""
-        self._waiting[key] = time.monotonic()
+        with self._lock:
+            self._waiting[key] = time.monotonic()
 
-    def _threaded(self, key: Hashable, batch_id: str, fn: Callable[[], T]) -> T | Aborted:
-        self._waiting.pop(key, None)
-        return self._unless_cancelled(key, batch_id, fn)
+    def _threaded(
+        self, key: Hashable, batch_id: str, fn: Callable[[], T], created: float
+    ) -> T | Aborted:
+        with self._lock:  # against _touch's update of the same key
+            self._waiting.pop(key, None)
+        return self._unless_cancelled(key, batch_id, fn, created)
 
     def _touch(self) -> None:
         """Restart the processing clock of the rows that have waited ``touch_s`` for a slot
@@ -214,9 +229,10 @@ class CancelWatch:
         except Exception as exc:  # noqa: BLE001 - the next tick tries again
             log.warning("could not restart the processing clock of waiting requests: %s", exc)
             return
-        for key in due:
-            if key in self._waiting:
-                self._waiting[key] = now
+        with self._lock:  # a job may have started meanwhile (threads): not put back
+            for key in due:
+                if key in self._waiting:
+                    self._waiting[key] = now
 
     def _slots(self) -> Any:
         if self._semaphore is None:
@@ -263,6 +279,7 @@ class CancelWatch:
                 if not inflight:
                     self._watcher = None
                     self.cancelled = set()
+                    self.broadcast = set()
                     self._waiting.clear()  # nothing in flight: nothing waits
                     return
             cancelled = self._poll()
@@ -316,8 +333,9 @@ class Attempts(Generic[T]):
         self._groups += 1
         group = self._groups
         self._unfinished[group] = len(jobs)
+        created = time.monotonic()  # the rows were started just before (workers' gap check)
         for key, batch_id, fn in jobs:
-            handle = self._start(key, batch_id, fn)
+            handle = self._start(key, batch_id, fn, created)
             self.watch._inflight[handle] = batch_id
             self._pending[handle] = (key, batch_id, group)
         self.watch._ensure_watcher()
@@ -356,7 +374,7 @@ class Attempts(Generic[T]):
     # What a pool provides: start a job (its handle is put on the pool's queue of finished
     # jobs when it ends), take the next finished one, read its result, stop an unfinished one.
 
-    def _start(self, key: Hashable, batch_id: str, fn: Callable[[], T]) -> Any:
+    def _start(self, key: Hashable, batch_id: str, fn: Callable[[], T], created: float) -> Any:
         raise NotImplementedError
 
     def _finished_within(self, timeout: float | None) -> Any:
@@ -398,10 +416,10 @@ class _GreenletAttempts(Attempts[T]):
         super().__init__(watch, flush_s)
         self._finished: Any = Queue()  # finished greenlets, put by their link callback
 
-    def _start(self, key: Hashable, batch_id: str, fn: Callable[[], T]) -> Any:
+    def _start(self, key: Hashable, batch_id: str, fn: Callable[[], T], created: float) -> Any:
         import gevent
 
-        g = gevent.spawn(self.watch._limited, key, batch_id, fn)
+        g = gevent.spawn(self.watch._limited, key, batch_id, fn, created)
         g.link(self._finished.put_nowait)
         return g
 
@@ -432,9 +450,9 @@ class _ThreadAttempts(Attempts[T]):
         super().__init__(watch, flush_s)
         self._finished: queue.SimpleQueue[Future[T | Aborted]] = queue.SimpleQueue()
 
-    def _start(self, key: Hashable, batch_id: str, fn: Callable[[], T]) -> Any:
+    def _start(self, key: Hashable, batch_id: str, fn: Callable[[], T], created: float) -> Any:
         self.watch._queued(key)
-        future = self.watch._executor().submit(self.watch._threaded, key, batch_id, fn)
+        future = self.watch._executor().submit(self.watch._threaded, key, batch_id, fn, created)
         future.add_done_callback(self._finished.put)
         return future
 
@@ -451,10 +469,10 @@ class _ThreadAttempts(Attempts[T]):
         handle.cancel()
 
 
-#: This process's watches, by (pid, -c, database): a worker has one; an embedded run in a
+#: This process's watches, by (pid, -c, engine): a worker has one; an embedded run in a
 #: process that ran another with another concurrency or database file gets its own (the first
 #: one's pool has its -c, and its polls ask its database).
-_watches: dict[tuple[int, int, str], CancelWatch] = {}
+_watches: dict[tuple[int, int, Any], CancelWatch] = {}
 
 
 def cancel_now(batch_ids: Iterable[str]) -> int:
@@ -471,7 +489,7 @@ def get_watch(
 ) -> CancelWatch:
     import os
 
-    key = (os.getpid(), concurrency, str(store.engine.url))
+    key = (os.getpid(), concurrency, store.engine)
     watch = _watches.get(key)
     if watch is None:
         watch = _watches[key] = CancelWatch(store, poll_s, concurrency, processing_timeout_s)

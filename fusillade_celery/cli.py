@@ -488,7 +488,7 @@ def _version() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from sqlalchemy.exc import ArgumentError, OperationalError
+    from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError
 
     from .db import SchemaError
     from .store import NotFound
@@ -521,6 +521,9 @@ def main(argv: list[str] | None = None) -> int:
     except OperationalError as exc:
         first = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
         return _fail(f"database unreachable: {first}", EXIT_ERROR)
+    except DBAPIError as exc:  # the statement refused: one line (engines hide parameters)
+        first = str(exc.orig).strip().splitlines()[0] if exc.orig else type(exc).__name__
+        return _fail(f"database error: {first}", EXIT_ERROR)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
 

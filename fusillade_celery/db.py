@@ -85,10 +85,16 @@ def dispose_all() -> None:
 def _create(url: str, pool_size: int, pre_ping: bool) -> Engine:
     url = normalize_url(url)
     if is_sqlite(url):
-        engine = create_engine(url, connect_args={"timeout": 60, "check_same_thread": False})
+        engine = create_engine(
+            url,
+            connect_args={"timeout": 60, "check_same_thread": False},
+            hide_parameters=True,  # errors quote no parameter (an API key, say)
+        )
         _tune_sqlite(engine)
         return engine
     kwargs: dict[str, Any] = {
+        # Errors quote no parameter: a statement's could hold a batch's API key.
+        "hide_parameters": True,
         "pool_size": pool_size,
         "max_overflow": pool_size * 2,
         "pool_pre_ping": pre_ping,

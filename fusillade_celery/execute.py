@@ -21,7 +21,7 @@ from .cancel_watch import Aborted, Attempts, CancelWatch, Job
 from .retry import retry_delay
 from .settings import Settings
 from .states import RequestState
-from .store import Finish, HandOff, Store, WorkItem, Written
+from .store import Finish, HandOff, Store, WorkItem, Written, new_token
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,9 @@ class HandOffPolicy:
         escalating = settings.escalations
         if model in escalating or any(e.model == model for e in escalating.values()):
             return None
-        return HandOff(model, self.worker_id, settings.stop_before_deadline_ms / 1000.0)
+        return HandOff(
+            model, self.worker_id, settings.stop_before_deadline_ms / 1000.0, token=new_token()
+        )
 
 
 def decide(item: WorkItem, outcome: upstream.Outcome, now: float, settings: Settings) -> Finish:
@@ -103,10 +105,22 @@ def decide(item: WorkItem, outcome: upstream.Outcome, now: float, settings: Sett
     return Finish(item.id, item.token, RequestState.FAILED, outcome.status, outcome.body, error)
 
 
+#: SQLSTATEs that mean the server is going away or not yet accepting connections.
+_UNAVAILABLE = frozenset({"57P01", "57P02", "57P03"})
+
+
 def _unreachable(exc: DBAPIError) -> bool:
-    """The database could not be reached or dropped the connection (rather than refusing
-    the statement): worth waiting for."""
-    return bool(exc.connection_invalidated) or isinstance(exc, (OperationalError, InterfaceError))
+    """The database could not be reached or dropped the connection, rather than refusing
+    the statement (a deadlock, a serialization failure, a full disk, which carry an SQLSTATE
+    of their own): worth waiting for. Connection failures carry no SQLSTATE, or class 08."""
+    if exc.connection_invalidated:
+        return True
+    if not isinstance(exc, (OperationalError, InterfaceError)):
+        return False
+    state = getattr(exc.orig, "sqlstate", None)
+    if state:
+        return str(state).startswith("08") or state in _UNAVAILABLE
+    return type(exc.orig).__module__.startswith("psycopg")  # SQLite's "locked" is no outage
 
 
 def _write(
@@ -132,7 +146,12 @@ def _write(
     delay = 0.25
     while True:
         try:
-            return store.finish(finishes, now)
+            written = store.finish(finishes, now)
+            if target is not None and target.token is not None:
+                # The hand-off may have committed before its reply was lost: the requests
+                # it started are this worker's to run (nobody else holds their token).
+                return Written(written.changed, store.held(target.token))
+            return written
         except DBAPIError as exc:
             if not _unreachable(exc) or time.monotonic() + delay > until:
                 raise

@@ -30,6 +30,8 @@ from .validation import ByteLines, InputError, Limits, ParsedLine, Source, parse
 log = logging.getLogger(__name__)
 CHUNK = 5000
 MAX_METADATA_PAIRS = 16
+#: The longest batch upstream URL stored (``batches.upstream_url``).
+MAX_UPSTREAM_URL = 2048
 
 
 class _Hashing:
@@ -134,6 +136,10 @@ class Client:
         except ValueError as exc:
             raise InputError(str(exc), field="completion_window") from None
         meta = _check_metadata(metadata)
+        if upstream is not None and len(upstream) > MAX_UPSTREAM_URL:
+            raise InputError(
+                f"longer than {MAX_UPSTREAM_URL} characters ({len(upstream)})", field="upstream"
+            )
         if upstream is not None and not upstream.startswith(("http://", "https://")):
             raise InputError(
                 f"must be an http(s) URL, got {redact_url(upstream)!r}", field="upstream"

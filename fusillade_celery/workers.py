@@ -9,6 +9,7 @@ once instead of after the stale threshold.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import threading
@@ -40,26 +41,39 @@ def worker_id() -> str:
 
 
 class Heartbeat:
+    """This process's row in the workers table, beaten every ``heartbeat_interval_ms`` from a
+    thread; and what the process knows of its own liveness as the reaper sees it: since when
+    its heartbeats reach the database (``reachable_since``), and when it last came back from
+    a gap long enough to have been taken for dead (``gap_ended``)."""
+
     def __init__(
         self, store: Store, settings: Settings, queues: str, concurrency: int | None = None
     ):
         self.store = store
         self.concurrency = concurrency
         self.interval = settings.heartbeat_interval_ms / 1000.0
-        self.stale_s = settings.stale_worker_threshold_ms / 1000.0
-        #: When (monotonic) a heartbeat of this process last reached the database.
-        self.last_ok = time.monotonic()
+        #: A silence this long (half the stale threshold: a margin for the reaper's clock
+        #: and cadence) may have let the reaper take this process's requests.
+        self.gap_s = settings.stale_worker_threshold_ms / 2000.0
         self.queues = queues
         self.id = worker_id()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        #: When (monotonic) a heartbeat of this process last reached the database (never:
+        #: -inf, so a process that could not register counts as silent).
+        self.last_ok = -math.inf
+        #: When (monotonic) the latest heartbeat that followed a silence of ``gap_s`` or
+        #: more reached the database: attempts created before it must check their row.
+        self.gap_ended = -math.inf
         #: Since when (monotonic) every heartbeat of this process has reached the database;
-        #: None while the last one failed.
+        #: None while the last one failed (or none has succeeded yet).
         self.reachable_since: float | None = None
 
     def start(self) -> None:
-        self.beat()
-        self.reachable_since = time.monotonic()
+        """Beat once, then keep beating in a thread. A first beat that fails (the database
+        restarting as the worker starts) is retried by the thread like any other: meanwhile
+        the process counts as unreachable (``db_reachable_for`` 0, ``may_have_been_reaped``)."""
+        self._beat_and_note()
         self._thread = threading.Thread(target=self._run, name="fusillade-heartbeat", daemon=True)
         self._thread.start()
 
@@ -68,17 +82,28 @@ class Heartbeat:
             self.id, socket.gethostname(), os.getpid(), self.queues, time.time(), self.concurrency
         )
 
+    def _beat_and_note(self) -> None:
+        try:
+            self.beat()
+        except Exception as exc:  # the database may be away for a while; keep trying
+            self.reachable_since = None
+            log.warning("heartbeat failed: %s", exc)
+            return
+        now = time.monotonic()
+        if now - self.last_ok >= self.gap_s:
+            self.gap_ended = now
+        self.last_ok = now
+        if self.reachable_since is None:
+            self.reachable_since = now
+
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
-            try:
-                self.beat()
-            except Exception as exc:  # the database may be away for a while; keep trying
-                self.reachable_since = None
-                log.warning("heartbeat failed: %s", exc)
-            else:
-                self.last_ok = time.monotonic()
-                if self.reachable_since is None:
-                    self.reachable_since = time.monotonic()
+            self._beat_and_note()
+
+    def may_have_been_reaped(self, since: float) -> bool:
+        """Whether the reaper may have taken back a request this process started at
+        ``since`` (monotonic): it is silent now, or has been since then."""
+        return time.monotonic() - self.last_ok >= self.gap_s or self.gap_ended >= since
 
     def stop(self) -> None:
         """Clean shutdown: stop beating and mark this worker dead."""
@@ -90,6 +115,10 @@ class Heartbeat:
 
 
 _current: dict[int, Heartbeat] = {}
+#: This process's heartbeat, for the per-attempt check (``may_have_been_reaped``) without a
+#: ``getpid`` each time; emptied in a forked child, which starts its own.
+_mine: list[Heartbeat] = []
+os.register_at_fork(after_in_child=_mine.clear)
 
 
 def start(
@@ -99,8 +128,9 @@ def start(
     hb = _current.get(os.getpid())
     if hb is None:
         hb = Heartbeat(store, settings, queues, concurrency)
-        hb.start()
         _current[os.getpid()] = hb
+        _mine[:] = [hb]
+        hb.start()
     return hb
 
 
@@ -116,16 +146,16 @@ def db_reachable_for() -> float:
     return time.monotonic() - hb.reachable_since
 
 
-def may_have_been_reaped() -> bool:
-    """Whether this process went long enough without a heartbeat (frozen: SIGSTOP, a stalled
-    VM; or cut off from the database) that the reaper may have taken its requests as a dead
-    worker's: half the stale threshold, a margin for clocks and the reaper's cadence. A
-    float comparison, cheap enough to ask before every upstream call."""
-    hb = _current.get(os.getpid())
-    return hb is not None and time.monotonic() - hb.last_ok > hb.stale_s / 2
+def may_have_been_reaped(since: float) -> bool:
+    """Whether a request this process started at ``since`` (monotonic) may have been taken
+    back by the reaper as a dead worker's: the process is silent (frozen: SIGSTOP, a stalled
+    VM; or cut off from the database), or has come back from such a silence since. Asked
+    before every upstream call: a list read and two float comparisons."""
+    return bool(_mine) and _mine[0].may_have_been_reaped(since)
 
 
 def stop() -> None:
     hb = _current.pop(os.getpid(), None)
+    _mine.clear()
     if hb is not None:
         hb.stop()

@@ -7,13 +7,17 @@ not outlive the batch. SQLite and PostgreSQL unless a test says otherwise."""
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import psycopg
 import pytest
 from cryptography.fernet import Fernet
+from sqlalchemy.exc import OperationalError
 
 from fusillade_celery import maintenance, workers
 from fusillade_celery.cancel_watch import CancelWatch
@@ -299,3 +303,150 @@ def test_touch_restarts_only_the_processing_clock_of_rows_still_held(
     assert store.touch_started([(rows[0].id, token), (rows[1].id, "another-token")], t0 + 50) == 1
     started = {r["id"]: r["started_at"] for r in store.request_rows(rows[0].batch_id)}
     assert started == {rows[0].id: t0 + 50, rows[1].id: t0}
+
+
+class _HeartbeatDb:
+    """Stands in for the store of a Heartbeat: reachable or not, as the test says."""
+
+    def __init__(self, reachable: bool = True):
+        self.reachable = reachable
+
+    def heartbeat(self, *_: object, **__: object) -> None:
+        if not self.reachable:
+            raise OperationalError("heartbeat", {}, Exception("connection refused"))
+
+    def mark_worker_dead(self, *_: object, **__: object) -> None:
+        pass
+
+
+@pytest.fixture
+def own_heartbeat() -> Iterator[Callable[[_HeartbeatDb], workers.Heartbeat]]:
+    """Registers a heartbeat of this process (as a worker has) on a stand-in database."""
+
+    def register(db: _HeartbeatDb) -> workers.Heartbeat:
+        hb = workers.start(db, Settings(), "model.m1")  # type: ignore[arg-type]
+        hb._stop.set()  # beaten by the test, not by its thread
+        return hb
+
+    yield register
+    workers._current.pop(os.getpid(), None)
+    workers._mine.clear()
+
+
+def test_a_thawed_worker_does_not_send_rows_taken_from_it_meanwhile(
+    client: Client, own_heartbeat: Callable[[_HeartbeatDb], workers.Heartbeat]
+) -> None:
+    """A worker frozen long enough to be taken for dead, then thawed: its first heartbeat
+    goes through, and an attempt it had started before the freeze, still waiting for a slot,
+    must not be sent: its row was reaped and given to another worker meanwhile."""
+    store = client.store
+    batch_id = client.submit_batch([line("a")])
+    token, rows = store.claim("m1", "m1", 5, 5, time.time())
+    store.start([rows[0].id], token, "frozen", time.time())
+    created = time.monotonic()  # the attempt is made, then the process freezes
+    hb = own_heartbeat(_HeartbeatDb())
+    hb.last_ok = time.monotonic() - 100  # 100 s without a heartbeat
+    assert store.reap(time.time() + 1, 60, 0.0) == 1  # the reaper took the row meanwhile
+    hb._beat_and_note()  # thawed: a heartbeat goes through
+    watch = CancelWatch(store, poll_s=5.0)
+    out = watch._unless_cancelled((rows[0].id, token), batch_id, lambda: "sent", created)
+    assert out != "sent"
+    # an attempt made after the thaw is not checked (no query per call)
+    assert not workers.may_have_been_reaped(time.monotonic())
+
+
+def test_when_the_check_cannot_be_made_the_request_is_not_sent(
+    client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker that may have been taken for dead asks before each call whether the row is
+    still its own; if it cannot ask (its database connection is gone, perhaps only its own),
+    it does not send: a reclaim costs a delay, a second call may cost money."""
+    monkeypatch.setattr(workers, "may_have_been_reaped", lambda since: True)
+
+    def unreachable(*_: object) -> bool:
+        raise OperationalError("still_held", {}, Exception("connection refused"))
+
+    monkeypatch.setattr(client.store, "still_held", unreachable)
+    watch = CancelWatch(client.store, poll_s=5.0)
+    assert watch._unless_cancelled((1, "token"), "batch", lambda: "sent", 0.0) != "sent"
+
+
+def test_a_heartbeat_that_fails_at_start_pauses_the_stale_rule_until_it_beats(
+    client: Client, own_heartbeat: Callable[[_HeartbeatDb], workers.Heartbeat]
+) -> None:
+    """A worker started while the database restarts: its first heartbeat fails. It is not
+    an error that ends the heartbeat; meanwhile its reaper does not take a live worker's
+    requests (whose heartbeat is old for the same reason) as a dead one's."""
+    db = _HeartbeatDb(reachable=False)
+    hb = own_heartbeat(db)
+    assert workers.db_reachable_for() == 0.0
+    assert workers.may_have_been_reaped(time.monotonic())
+    now = time.time()
+    client.store.heartbeat("live", "host", 1, "model.m1", now - 60)
+    client.submit_batch([line("a")])
+    token, rows = client.store.claim("m1", "m1", 5, 5, now)
+    client.store.start([rows[0].id], token, "live", now)
+    assert maintenance.reap(client.store, client.settings, now) == 0
+    db.reachable = True
+    hb._beat_and_note()
+    assert workers.db_reachable_for() < 1.0 and not workers.may_have_been_reaped(time.monotonic())
+
+
+def test_rows_a_hand_off_started_are_run_when_its_reply_was_lost(
+    client: Client, settings: Settings
+) -> None:
+    """The write-back with hand-off commits, its reply is lost and the database stays away
+    for a moment: the plain write-back that follows finds the requests the hand-off started
+    (by the token it chose) so they are run, not left processing on a live worker."""
+    from fusillade_celery.execute import _write
+    from fusillade_celery.store import HandOff, new_token
+
+    store = client.store
+    batch_id = client.submit_batch([line(f"h{i}") for i in range(3)])
+    now = time.time()
+    token, rows = store.claim("m1", "m1", 1, 1, now)  # one slot: the others stay pending
+    items = store.start([rows[0].id], token, "w1", now)
+    real_finish = store.finish
+
+    def reply_lost(results: Any, at: float, hand_off: HandOff | None = None) -> Any:
+        if hand_off is not None:
+            real_finish(results, at, hand_off)  # committed ...
+            raise OperationalError("finish", {}, Exception("server closed the connection"))
+        return real_finish(results, at)
+
+    store.finish = reply_lost  # type: ignore[method-assign]
+    done = [Finish(items[0].id, token, RequestState.COMPLETED, 200, "{}")]
+    written = _write(store, done, now, HandOff("m1", "w1", token=new_token()), 1.0)
+    started = [i.custom_id for i in written.started]
+    assert started == ["h1"]
+    assert states(store, batch_id) == {"h0": "completed", "h1": "processing", "h2": "pending"}
+
+
+def test_a_deleted_or_cancelled_batch_loses_its_api_key_at_once(
+    client: Client, mock: MockUpstream
+) -> None:
+    deleted = client.submit_batch([line("a")], upstream=mock.url, api_key="sk-gone-1")
+    cancelled = client.submit_batch([line("b")], upstream=mock.url, api_key="sk-gone-2")
+    client.cancel_batch(cancelled)
+    client.delete_batch(deleted)
+    with client.store.engine.connect() as conn:
+        keys = conn.exec_driver_sql("SELECT upstream_api_key FROM batches").scalars().all()
+    assert keys == [None, None]
+
+
+def test_a_batch_whose_last_requests_ran_out_of_time_reads_expired(
+    client: Client, settings: Settings, mock: MockUpstream
+) -> None:
+    """Its last request was claimed in time but its attempt came after the deadline: it
+    ended batch_expired before any expiry pass, and the batch reads ``expired``, not
+    ``completed``."""
+    batch_id = client.submit_batch([line("a"), line("b")], completion_window="2s")
+    token, rows = client.store.claim("m1", "m1", 10, 10, time.time())
+    run_message(client.store, settings, token, [rows[0].id], Recorder())
+    deadline = client.get_batch(batch_id)["expires_at"]
+    wait_for(lambda: time.time() >= deadline, 5, what="the deadline")
+    run_message(client.store, settings, token, [rows[1].id], Recorder())
+    maintenance.finalize_now(client.store, [batch_id])
+    batch = client.get_batch(batch_id)
+    assert batch["status"] == "expired"
+    assert batch["request_counts"] == {"total": 2, "completed": 1, "failed": 1}

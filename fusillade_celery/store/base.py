@@ -200,6 +200,9 @@ class HandOff:
     worker_id: str
     #: The batches' sending cutoff is their deadline minus this (stop_before_deadline).
     stop_before_s: float = 0.0
+    #: The claim token the requests get (a fresh one when None); chosen by the caller so
+    #: that it can find them if the statement's reply is lost (``execute._write``).
+    token: str | None = None
 
 
 @dataclass(frozen=True)

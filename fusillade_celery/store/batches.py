@@ -69,7 +69,10 @@ class BatchStore(StoreBase):
             return [dict(m) for m in rows]
 
     def find_resumable_batch(self, sha256: str, upstream_url: str | None) -> str | None:
-        """The newest batch made from a file with this content hash (embedded resume)."""
+        """The newest batch made from a file with this content hash and upstream, not
+        cancelled or deleted: what ``run`` resumes (embedded) or follows (with a broker; it
+        may have finished meanwhile, and then its results are written, not the file sent
+        again)."""
         b, f = t.batches, t.files
         with self._tx() as conn:
             return conn.execute(
@@ -105,7 +108,7 @@ class BatchStore(StoreBase):
             conn.execute(
                 update(b)
                 .where(b.c.id == batch_id, _ACTIVE_BATCH, b.c.cancelling_at.is_(None))
-                .values(cancelling_at=now)
+                .values(cancelling_at=now, upstream_api_key=None)  # no call of it will start
             )
             conn.execute(
                 update(r)
@@ -192,7 +195,9 @@ class BatchStore(StoreBase):
         self.cancel_batch(batch_id, now)
         b = t.batches
         with self._tx() as conn:
-            conn.execute(update(b).where(b.c.id == batch_id).values(deleted_at=now))
+            conn.execute(
+                update(b).where(b.c.id == batch_id).values(deleted_at=now, upstream_api_key=None)
+            )
 
     @_on_disconnect_retry
     def delete_file(self, file_id: str, now: float) -> None:

@@ -25,6 +25,7 @@ from .base import (
     StoreBase,
     WorkItem,
     Written,
+    _fence_state,
     _ids_bind,
     _lock_key,
     _on_disconnect_retry,
@@ -183,7 +184,7 @@ class ClaimStore(StoreBase):
                 _claim_params(
                     hand_off.model,
                     hand_off.model,
-                    new_token(),
+                    hand_off.token or new_token(),
                     now,
                     worker=hand_off.worker_id,
                     stop_before_s=hand_off.stop_before_s,
@@ -229,6 +230,11 @@ class ClaimStore(StoreBase):
             ).all()
         now_held = {(i, token, state) for i, token, state in rows}
         return [f for f in results if (f.id, f.token, f.state.value) in now_held]
+
+    def held(self, token: str) -> list[WorkItem]:
+        """The rows processing under ``token``, with what their attempts need: the requests a
+        hand-off under that token started, when its statement's reply was lost."""
+        return self._held(token)
 
     @_on_disconnect_retry
     def _held(self, token: str) -> list[WorkItem]:
@@ -278,7 +284,7 @@ class ClaimStore(StoreBase):
                     select(r.c.id).where(
                         r.c.id == request_id,
                         r.c.claim_token == token,
-                        r.c.state == S.PROCESSING.value,
+                        _fence_state(S.PROCESSING),
                     )
                 ).first()
                 is not None
@@ -299,17 +305,16 @@ class ClaimStore(StoreBase):
             return 0
         r = t.requests
         changed = 0
-        with self._tx() as conn:
-            for token, ids in by_token.items():
-                res = conn.execute(
-                    update(r)
-                    .where(
-                        _ids_bind(self.is_postgres),
-                        r.c.claim_token == _p("token", Text),
-                        r.c.state == S.PROCESSING.value,
-                    )
-                    .values(started_at=now),
-                    {"p_ids": ids, "p_token": token},
-                )
+        touch = (
+            update(r)
+            .where(_ids_bind(self.is_postgres), r.c.claim_token == _p("token", Text))
+            .where(_fence_state(S.PROCESSING))  # primary-key probes, not the in-flight index
+            .values(started_at=now)
+        )
+        for token, ids in by_token.items():
+            # A statement each, each atomic by itself: one transaction holding these rows'
+            # locks across statements could deadlock against a cancel or an expiry.
+            with self._one() as conn:
+                res = conn.execute(touch, {"p_ids": ids, "p_token": token})
                 changed += max(res.rowcount, 0)
         return changed

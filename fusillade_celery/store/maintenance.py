@@ -10,6 +10,7 @@ from typing import Any
 from sqlalchemy import (
     Connection,
     and_,
+    bindparam,
     case,
     delete,
     exists,
@@ -102,6 +103,11 @@ class MaintenanceStore(StoreBase):
         )
         if only is not None:
             pick = pick.where(b.c.id.in_(list(only)))
+        ran_out_of_time = select(r.c.id).where(
+            r.c.batch_id == bindparam("batch"),
+            r.c.state == S.FAILED.value,
+            r.c.error.contains(f'"{ErrorKind.BATCH_EXPIRED.value}"'),
+        )
         with self._tx() as conn:
             # Locked in id order, as expire_batches does (against a deadlock between them).
             rows = conn.execute(pick.order_by(b.c.id).with_for_update(of=b)).all()
@@ -118,6 +124,10 @@ class MaintenanceStore(StoreBase):
                 }
                 if cancelling_at is not None:
                     values["cancelled_at"] = now
+                elif conn.execute(ran_out_of_time, {"batch": batch_id}).first() is not None:
+                    # Requests not sent because the deadline came first (upstream.attempt)
+                    # ended before the expiry pass did: the batch expired all the same.
+                    values["expired_at"] = now
                 elif completed == 0 and total > 0:
                     values["failed_at"] = now
                     values["errors"] = json.dumps(

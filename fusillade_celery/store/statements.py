@@ -183,6 +183,7 @@ def _start_statement(postgres: bool) -> Any:
         .where(
             or_(
                 r.c.state == S.CLAIMED.value,
+                r.c.not_before.is_(None),
                 r.c.not_before <= _p("now", Float) + RETRY_EARLY_TOLERANCE_S,
             )
         )
