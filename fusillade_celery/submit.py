@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import time
 import uuid
@@ -175,8 +176,9 @@ class Client:
             "endpoint": endpoint or "",  # the lines' own url, once read (make_batch)
             "completion_window": completion_window,
             # Whole seconds: the deadline the engine enforces is the ``expires_at`` the
-            # Batch object shows (an integer), never up to a second after it.
-            "expires_at": float(int(now) + window_s),
+            # Batch object shows (an integer), never up to a second after it; rounded up, so
+            # the window is never shorter than the one asked for.
+            "expires_at": float(math.ceil(now) + window_s),
             "metadata": json.dumps(meta) if meta is not None else None,
             "owner": owner,
             "upstream_url": batch_upstream(upstream),

@@ -17,7 +17,6 @@ import socket
 import ssl
 import subprocess
 import threading
-import time
 import urllib.parse
 from collections.abc import Iterator, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -30,32 +29,14 @@ from fusillade_celery import upstream
 from fusillade_celery.mock_upstream import MockUpstream
 from fusillade_celery.settings import Settings
 from fusillade_celery.states import ErrorKind
-from fusillade_celery.store import WorkItem
 
 from .conftest import line
+from .unit.test_upstream import item
 
 SETTINGS = Settings().replace(timeout_ms=5000)
 PATH = "/v1/chat/completions"
 CA_VARS = ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "SSL_CERT_FILE")
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-authorization", "proxy-connection", "te"}
-
-
-def item(base_url: str, custom_id: str = "c1") -> WorkItem:
-    return WorkItem(
-        id=7,
-        token="t" * 32,
-        custom_id=custom_id,
-        batch_id="batch_1",
-        model="m1",
-        routed_model="m1",
-        attempt=0,
-        deadline=time.time() + 3600,  # not expired
-        url=PATH,
-        body=json.dumps(line(custom_id)["body"]),
-        upstream_url=base_url,
-        api_key="sk-x",
-        batch_fields={"id": "batch_1"},
-    )
 
 
 def send(base_url: str) -> upstream.Outcome:

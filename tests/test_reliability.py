@@ -174,9 +174,9 @@ def test_no_request_is_sent_at_or_after_the_deadline(
 def test_stop_before_deadline_moves_the_cutoff(
     client: Client, settings: Settings, mock: MockUpstream
 ) -> None:
-    s = settings.replace(stop_before_deadline_ms=3_600_000)  # an hour before a 1 h window
+    s = settings.replace(stop_before_deadline_ms=3_601_000)  # more than a 1 h window
     client.submit_batch([line("a")], completion_window="1h")
-    _, rows = client.store.claim("m1", "m1", 5, 5, time.time(), stop_before_s=3600)
+    _, rows = client.store.claim("m1", "m1", 5, 5, time.time(), stop_before_s=3601)
     assert rows == []
     _, rows = client.store.claim("m1", "m1", 5, 5, time.time(), stop_before_s=0)
     token = client.store.request_rows(rows[0].batch_id)[0]["claim_token"]
