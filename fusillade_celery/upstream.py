@@ -9,6 +9,7 @@ environment's proxy and CA bundle variables are read once, when the process buil
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import threading
@@ -265,6 +266,15 @@ def resolve(item: WorkItem, settings: Settings) -> tuple[str | None, str]:
     return route.url, route.api_key
 
 
+def escalated_body(item: WorkItem) -> str:
+    """The body of a request routed to its SLA escalation model, naming that model: the
+    escalation upstream serves the escalation model, and would refuse (or worse, serve) the
+    original name. As fusillade does. Only escalated requests pay for the JSON round trip."""
+    body = json.loads(item.body)
+    body["model"] = item.routed_model
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":"))
+
+
 def classify_status(status: int, settings: Settings) -> ErrorKind | None:
     if status < 400:
         return None
@@ -293,7 +303,8 @@ def attempt(session: requests.Session, item: WorkItem, settings: Settings) -> Ou
     timeout = settings.timeout_ms / 1000.0
     egress = _egress
     try:
-        prepared = prepare(base + item.url, build_headers(item, api_key, settings), item.body)
+        body = item.body if item.routed_model == item.model else escalated_body(item)
+        prepared = prepare(base + item.url, build_headers(item, api_key, settings), body)
         proxies = NO_PROXIES if not egress.proxies else egress.proxies_for(base)
         resp = session.send(prepared, timeout=(min(timeout, 30.0), timeout), proxies=proxies)
         body = resp.text

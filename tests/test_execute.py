@@ -250,6 +250,33 @@ def test_escalation_routes_urgent_rows_to_the_escalation_model(
     assert sorted(r for r, _, _ in rec.messages) == ["m1", "m1-fast"]
 
 
+def test_an_escalated_request_names_the_escalation_model_upstream(
+    client: Client, settings: Settings, mock: MockUpstream
+) -> None:
+    """The escalation upstream receives the escalation model in the body (as fusillade
+    sends it), the output holds what it answered, and a retry stays escalated."""
+    from fusillade_celery.settings import Escalation
+
+    esc = settings.replace(escalations={"m1": Escalation("m1-fast", 7200)})
+    batch_id = client.submit_batch(
+        [line("u", mock_statuses=[503, 200], temperature=0.5)], completion_window="1h"
+    )
+    rec = Recorder()
+    claimer.claim_all(client.store, esc, rec.publish)
+    run_claimed(client.store, esc, rec)
+    assert rec.retries and states(client.store, batch_id) == {"u": "retrying"}
+    row = client.store.request_rows(batch_id)[0]
+    wait_for(lambda: time.time() >= row["not_before"], 5, what="the retry to be due")
+    run_message(client.store, esc, row["claim_token"], [row["id"]], rec)
+    assert [(e["model"], e["status"]) for e in mock.state.log] == [
+        ("m1-fast", 503),
+        ("m1-fast", 200),
+    ]
+    (out,) = list(client.iter_results(batch_id))
+    assert out["response"]["body"]["model"] == "m1-fast"
+    assert client.store.request_rows(batch_id)[0]["routed_model"] == "m1-fast"
+
+
 def test_finalize_walks_the_statuses(client: Client, settings: Settings) -> None:
     batch_id = client.submit_batch([line("a"), line("b", mock_statuses=[400])])
     rec = Recorder()
