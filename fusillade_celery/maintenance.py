@@ -57,6 +57,7 @@ def reap(store: Store, settings: Settings, now: float | None = None) -> int:
         settings.claim_timeout_ms / 1000.0,
         settings.processing_timeout_ms / 1000.0,
         stale_worker_s=stale_s if stale_rule else None,
+        limit=settings.unclaim_batch_size,
         max_retries=settings.max_retries,
         retry_delay_s=backoff_s(0, settings),
     )

@@ -243,6 +243,9 @@ class Settings:
     )
     claim_timeout_ms: int = _env(_positive, 60000, "claimed longer than this -> back to pending")
     processing_timeout_ms: int = _env(_positive, 600000, "processing longer than this -> pending")
+    unclaim_batch_size: int = _env(
+        _positive, 10000, "most stale requests one reaper pass returns to pending"
+    )
     heartbeat_interval_ms: int = _env(_positive, 5000, "worker heartbeat cadence")
     stale_worker_threshold_ms: int = _env(
         _positive, 30000, "heartbeat older than this = dead worker"

@@ -450,3 +450,15 @@ def test_a_batch_whose_last_requests_ran_out_of_time_reads_expired(
     batch = client.get_batch(batch_id)
     assert batch["status"] == "expired"
     assert batch["request_counts"] == {"total": 2, "completed": 1, "failed": 1}
+
+
+def test_one_reaper_pass_takes_back_at_most_unclaim_batch_size(
+    client: Client, settings: Settings
+) -> None:
+    """After a mass failure (a worker holding many requests dies), each reaper pass returns
+    at most FUSILLADE_UNCLAIM_BATCH_SIZE of them, so no pass is one giant transaction."""
+    s = settings.replace(unclaim_batch_size=100)
+    batch_id = client.submit_batch([line(f"s{i}") for i in range(250)])
+    client.store.claim("m1", "m1", 1000, 1000, time.time() - 120)  # claims gone stale
+    assert [maintenance.reap(client.store, s) for _ in range(4)] == [100, 100, 50, 0]
+    assert set(states(client.store, batch_id).values()) == {"pending"}

@@ -106,7 +106,8 @@ class MaintenanceStore(StoreBase):
         ran_out_of_time = select(r.c.id).where(
             r.c.batch_id == bindparam("batch"),
             r.c.state == S.FAILED.value,
-            r.c.error.contains(f'"{ErrorKind.BATCH_EXPIRED.value}"'),
+            # the kind, as json.dumps writes it (quotes in a detail are escaped: no match)
+            r.c.error.contains(f'"kind": "{ErrorKind.BATCH_EXPIRED.value}"'),
         )
         with self._tx() as conn:
             # Locked in id order, as expire_batches does (against a deadlock between them).
