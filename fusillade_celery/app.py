@@ -225,6 +225,14 @@ def _require_settings(role: str) -> None:
         )
     for name in unknown_env_names():
         log.warning("unknown setting %s is ignored", name)
+    if 2 * settings.heartbeat_interval_ms > settings.stale_worker_threshold_ms:
+        log.warning(
+            "FUSILLADE_HEARTBEAT_INTERVAL_MS (%d) is more than half of "
+            "FUSILLADE_STALE_WORKER_THRESHOLD_MS (%d): a late heartbeat lets the reaper take "
+            "a live worker's requests",
+            settings.heartbeat_interval_ms,
+            settings.stale_worker_threshold_ms,
+        )
     if settings.processing_timeout_ms < settings.timeout_ms:
         log.warning(
             "FUSILLADE_PROCESSING_TIMEOUT_MS (%d) is below FUSILLADE_TIMEOUT_MS (%d): a call "

@@ -55,6 +55,8 @@ class CancelWatch:
     #: and the others behind the query held theirs (instant upstream: 30 % more worker CPU a
     #: request, as fewer slots were handed on).
     FRESH_S = 0.1
+    #: How long an attempt that must check its row first (``_lost``) waits for the database.
+    LOST_CHECK_PATIENCE_S = 60.0
 
     def __init__(
         self,
@@ -81,8 +83,8 @@ class CancelWatch:
         self._inflight: dict[Any, str] = {}  # unfinished greenlet or future -> its batch
         #: Batches of attempts in flight found cancelled by the last poll.
         self.cancelled: set[str] = set()
-        #: Batches a cancel broadcast named (``cancel_now``), until nothing is in flight.
-        self.broadcast: set[str] = set()
+        #: Batches a cancel broadcast named (``cancel_now``) -> when (monotonic).
+        self.broadcast: dict[str, float] = {}
         self._lock = threading.Lock()
         self._watcher: Any = None  # the watcher greenlet or thread
         self._pool: ThreadPoolExecutor | None = None
@@ -124,8 +126,12 @@ class CancelWatch:
         with self._lock:
             victims = [h for h, b in self._inflight.items() if b in wanted]
             # Kept apart from the poll's answer, which may come from a query that began
-            # before the cancel committed and would otherwise erase these.
-            self.broadcast = self.broadcast | wanted
+            # before the cancel committed and would otherwise erase these; kept until the
+            # poll has surely seen the cancel, so a busy worker's set does not grow for ever.
+            now = time.monotonic()
+            keep = now - max(3 * self.poll_s, 60.0)
+            self.broadcast = {b: t for b, t in self.broadcast.items() if t > keep}
+            self.broadcast.update(dict.fromkeys(wanted, now))
         for handle in victims:
             if hasattr(handle, "kill") and not handle.dead:
                 handle.kill(block=False)
@@ -148,12 +154,19 @@ class CancelWatch:
         and is reaped), sending may cost a second paid call."""
         if not workers.may_have_been_reaped(created):
             return False
-        try:
-            request_id, token = cast(tuple[int, str], key)  # execute's (id, token) keys
-            return not self.store.still_held(request_id, token)
-        except Exception as exc:  # noqa: BLE001 - see the docstring
-            log.warning("could not check whether a request is still held; not sent: %s", exc)
-            return True
+        request_id, token = cast(tuple[int, str], key)  # execute's (id, token) keys
+        delay, until = 0.25, time.monotonic() + self.LOST_CHECK_PATIENCE_S
+        while True:
+            try:
+                return not self.store.still_held(request_id, token)
+            except Exception as exc:  # noqa: BLE001 - see the docstring
+                if time.monotonic() + delay > until:
+                    log.warning(
+                        "could not check whether a request is still held; not sent: %s", exc
+                    )
+                    return True
+                time.sleep(delay)  # the database may be back in a moment (a restart)
+                delay = min(delay * 2, 5.0)
 
     def _poll(self) -> set[str] | None:
         """Which batches of the attempts in flight are cancelled (None: nothing in flight or
@@ -279,7 +292,7 @@ class CancelWatch:
                 if not inflight:
                     self._watcher = None
                     self.cancelled = set()
-                    self.broadcast = set()
+                    self.broadcast = {}
                     self._waiting.clear()  # nothing in flight: nothing waits
                     return
             cancelled = self._poll()
@@ -327,13 +340,16 @@ class Attempts(Generic[T]):
         #: The groups of the results taken into the chunk being formed (``__iter__``).
         self._taken: set[int] = set()
 
-    def add(self, jobs: Sequence[Job[T]]) -> None:
+    def add(self, jobs: Sequence[Job[T]], created: float | None = None) -> None:
+        """Start ``jobs``; ``created`` (monotonic) is when their rows were started, taken
+        before that statement (default: now)."""
         if not jobs:
             return
         self._groups += 1
         group = self._groups
         self._unfinished[group] = len(jobs)
-        created = time.monotonic()  # the rows were started just before (workers' gap check)
+        if created is None:
+            created = time.monotonic()
         for key, batch_id, fn in jobs:
             handle = self._start(key, batch_id, fn, created)
             self.watch._inflight[handle] = batch_id

@@ -120,7 +120,7 @@ def _unreachable(exc: DBAPIError) -> bool:
     state = getattr(exc.orig, "sqlstate", None)
     if state:
         return str(state).startswith("08") or state in _UNAVAILABLE
-    return type(exc.orig).__module__.startswith("psycopg")  # SQLite's "locked" is no outage
+    return True  # no SQLSTATE: psycopg's connection failures, SQLite's locked or I/O errors
 
 
 def _write(
@@ -149,8 +149,12 @@ def _write(
             written = store.finish(finishes, now)
             if target is not None and target.token is not None:
                 # The hand-off may have committed before its reply was lost: the requests
-                # it started are this worker's to run (nobody else holds their token).
-                return Written(written.changed, store.held(target.token))
+                # it started are this worker's to run (nobody else holds their token), with
+                # their processing clock restarted (the outage may have used it up).
+                held = store.held(target.token)
+                if held:
+                    store.touch_started([(i.id, i.token) for i in held], time.time())
+                return Written(written.changed, held)
             return written
         except DBAPIError as exc:
             if not _unreachable(exc) or time.monotonic() + delay > until:
@@ -229,6 +233,9 @@ def execute(
     have just ended, so a batch whose last request just ended is closed at once; it must
     return at once (the task's version only wakes a background runner, ``claimer.Refill``)."""
     report = Report()
+    # Before the statement: a silence that began after it committed must still be noticed
+    # (``CancelWatch._lost``).
+    started_mono = time.monotonic()
     items = store.start(ids, token, worker_id, time.time())
     report.started = len(items)
     report.stale = len(ids) - len(items)
@@ -248,7 +255,7 @@ def execute(
 
     attempts: Attempts[upstream.Outcome] = watch.attempts(FLUSH_S)
     with attempts:
-        attempts.add(jobs(items))
+        attempts.add(jobs(items), created=started_mono)
         for chunk in attempts:
             finishes = []
             ended: list[WorkItem] = []  # aborted (already canceled) or written terminal
@@ -267,6 +274,7 @@ def execute(
             started: list[WorkItem] = []
             if finishes:
                 now = time.time()
+                written_mono = time.monotonic()
                 target = None
                 if hand_off is not None and freeing:
                     # A message's rows, and the rows handed to it, share one routed model.
@@ -275,7 +283,7 @@ def execute(
                     store, finishes, now, target, settings.processing_timeout_ms / 1000.0
                 )
                 started = written.started
-                attempts.add(jobs(started))  # first: nothing below may strand them
+                attempts.add(jobs(started), created=written_mono)  # first: nothing may strand them
                 report.handed_off += len(started)
                 done = _written(store, finishes, written)
                 report.stale += len(finishes) - len(done)

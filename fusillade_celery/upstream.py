@@ -303,7 +303,10 @@ def attempt(session: requests.Session, item: WorkItem, settings: Settings) -> Ou
     timeout = settings.timeout_ms / 1000.0
     egress = _egress
     try:
-        body = item.body if item.routed_model == item.model else escalated_body(item)
+        # Renamed only for the escalation model's route: a batch's own upstream serves the
+        # batch's model names, whatever queue and limit the escalation gave the request.
+        escalated = item.routed_model != item.model and not item.upstream_url
+        body = escalated_body(item) if escalated else item.body
         prepared = prepare(base + item.url, build_headers(item, api_key, settings), body)
         proxies = NO_PROXIES if not egress.proxies else egress.proxies_for(base)
         resp = session.send(prepared, timeout=(min(timeout, 30.0), timeout), proxies=proxies)

@@ -52,9 +52,11 @@ class Heartbeat:
         self.store = store
         self.concurrency = concurrency
         self.interval = settings.heartbeat_interval_ms / 1000.0
-        #: A silence this long (half the stale threshold: a margin for the reaper's clock
-        #: and cadence) may have let the reaper take this process's requests.
-        self.gap_s = settings.stale_worker_threshold_ms / 2000.0
+        #: A silence this long may have let the reaper take this process's requests: half the
+        #: stale threshold (a margin for the reaper's clock and cadence), but above the
+        #: heartbeat interval, or every beat would count as a gap and every call would query.
+        stale_s = settings.stale_worker_threshold_ms / 1000.0
+        self.gap_s = min(max(stale_s / 2, 1.5 * self.interval), 0.9 * stale_s)
         self.queues = queues
         self.id = worker_id()
         self._stop = threading.Event()

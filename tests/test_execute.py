@@ -275,6 +275,12 @@ def test_an_escalated_request_names_the_escalation_model_upstream(
     (out,) = list(client.iter_results(batch_id))
     assert out["response"]["body"]["model"] == "m1-fast"
     assert client.store.request_rows(batch_id)[0]["routed_model"] == "m1-fast"
+    # a batch with its own upstream keeps its model names there, escalated or not
+    own = client.submit_batch([line("own")], completion_window="1h", upstream=mock.url)
+    claimer.claim_all(client.store, esc, rec.publish)
+    run_claimed(client.store, esc, rec)
+    assert client.store.request_rows(own)[0]["routed_model"] == "m1-fast"
+    assert mock.state.log[-1]["model"] == "m1"
 
 
 def test_finalize_walks_the_statuses(client: Client, settings: Settings) -> None:

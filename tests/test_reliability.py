@@ -368,7 +368,20 @@ def test_when_the_check_cannot_be_made_the_request_is_not_sent(
 
     monkeypatch.setattr(client.store, "still_held", unreachable)
     watch = CancelWatch(client.store, poll_s=5.0)
+    watch.LOST_CHECK_PATIENCE_S = 0.3  # how long it waits for the database (60 s by default)
     assert watch._unless_cancelled((1, "token"), "batch", lambda: "sent", 0.0) != "sent"
+    # a database back within the patience answers, and a row still held is sent
+    answers = iter([OperationalError("still_held", {}, Exception("refused")), True])
+
+    def back_soon(*_: object) -> bool:
+        answer = next(answers)
+        if isinstance(answer, Exception):
+            raise answer
+        return bool(answer)
+
+    monkeypatch.setattr(client.store, "still_held", back_soon)
+    watch.LOST_CHECK_PATIENCE_S = 5.0
+    assert watch._unless_cancelled((1, "token"), "batch", lambda: "sent", 0.0) == "sent"
 
 
 def test_a_heartbeat_that_fails_at_start_pauses_the_stale_rule_until_it_beats(

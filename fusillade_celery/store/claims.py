@@ -273,6 +273,7 @@ class ClaimStore(StoreBase):
             conn.execute(_sqlite_mark_started_statement(), marked)
         return Written(changed, self._read_items(conn, ids, params["p_token"]))
 
+    @_on_disconnect_retry
     def still_held(self, request_id: int, token: str) -> bool:
         """Whether the row is still processing under ``token`` (not reaped, cancelled or
         ended meanwhile); asked before a call only when this worker may have been taken for
