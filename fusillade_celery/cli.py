@@ -15,10 +15,17 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .follow import (
+    ProgressBar,
+    file_sha256,
+    follow,
+    warn_unserved,
+    write_results,
+)
 from .settings import ConfigError, Settings, env_table, redact_url, unknown_env_names
 
 EXIT_OK = 0
@@ -60,62 +67,12 @@ def _window(args: argparse.Namespace, settings: Settings) -> str:
     return str(args.completion_window or settings.completion_window)
 
 
-def _warn_unserved(client: Any, batch_id: str) -> None:
-    """Say so when no live worker consumes a model of a running batch: its requests wait."""
-    for model in client.unserved_models(batch_id):
-        print(
-            f"fusillade-celery: warning: no live worker consumes model.{model}; its requests "
-            f"wait (start one: celery -A fusillade_celery worker -Q model.{model})",
-            file=sys.stderr,
-        )
-
-
 def _client(settings: Settings) -> Any:
     from .app import configure
     from .submit import Client
 
     configure(settings)
     return Client(settings)
-
-
-def _write_jsonl(path: Path, lines: Iterator[dict[str, Any]]) -> int:
-    n = 0
-    tmp = path.with_name(path.name + ".part")
-    with tmp.open("w", encoding="utf-8") as fh:
-        for line in lines:
-            fh.write(json.dumps(line, ensure_ascii=False, separators=(",", ":")))
-            fh.write("\n")
-            n += 1
-    tmp.replace(path)  # a reader never sees half a file
-    return n
-
-
-class _Bar:
-    """A tqdm progress bar on stderr fed with Batch objects."""
-
-    def __init__(self, label: str, enabled: bool = True):
-        from tqdm import tqdm
-
-        self._bar = tqdm(
-            total=0,
-            desc=label,
-            unit="req",
-            file=sys.stderr,
-            disable=not enabled,
-            dynamic_ncols=True,
-        )
-
-    def __call__(self, batch: dict[str, Any]) -> None:
-        counts = batch["request_counts"]
-        done = counts["completed"] + counts["failed"]
-        self._bar.total = counts["total"]
-        self._bar.set_postfix_str(
-            f"{batch['status']} ok={counts['completed']} failed={counts['failed']}", refresh=False
-        )
-        self._bar.update(done - self._bar.n)
-
-    def close(self) -> None:
-        self._bar.close()
 
 
 def _default_paths(input_path: Path, output: str | None, errors: str | None) -> tuple[Path, Path]:
@@ -136,36 +93,6 @@ def _metadata(pairs: list[str] | None) -> dict[str, str] | None:
     if bad:
         raise CliError(f"--metadata expects key=value, got {bad[0]!r}", EXIT_INPUT)
     return dict(kv.split("=", 1) for kv in pairs)
-
-
-def _write_results(client: Any, batch_id: str, out: Path, err: Path) -> tuple[int, int]:
-    n_out = _write_jsonl(out, client.iter_results(batch_id))
-    n_err = _write_jsonl(err, client.iter_results(batch_id, errors=True))
-    return n_out, n_err
-
-
-def _follow(
-    client: Any, batch_id: str, on_progress: Callable[[dict[str, Any]], None]
-) -> dict[str, Any]:
-    from .states import TERMINAL_BATCH, BatchStatus
-
-    _warn_unserved(client, batch_id)
-    while True:
-        batch: dict[str, Any] = client.get_batch(batch_id, counts_max_age_s=0.5)
-        on_progress(batch)
-        if BatchStatus(batch["status"]) in TERMINAL_BATCH:
-            return batch
-        time.sleep(0.5)
-
-
-def _file_sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------- commands
@@ -220,7 +147,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     batch_id = None
     if not args.fresh:
         batch_id = client.store.find_resumable_batch(
-            _file_sha256(input_path), batch_upstream(args.upstream)
+            file_sha256(input_path), batch_upstream(args.upstream)
         )
         if batch_id:
             verb = "resuming" if settings.embedded else "following"
@@ -233,12 +160,12 @@ def cmd_run(args: argparse.Namespace) -> int:
             api_key=api_key,
         )
         print(f"submitted {batch_id}", file=sys.stderr)
-    bar = _Bar(batch_id, enabled=not args.quiet)
+    bar = ProgressBar(batch_id, enabled=not args.quiet)
     try:
         if settings.embedded:
             batch = _run_embedded(client, batch_id, bar, args.concurrency)
         else:
-            batch = _follow(client, batch_id, bar)
+            batch = follow(client, batch_id, bar)
     except KeyboardInterrupt:
         bar.close()
         if settings.embedded:
@@ -253,7 +180,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         sys.stderr.flush()
         os._exit(EXIT_INTERRUPTED)  # worker threads may sit in an upstream call: do not wait
     bar.close()
-    n_out, n_err = _write_results(client, batch_id, out, err)
+    n_out, n_err = write_results(client, batch_id, out, err)
     counts = batch["request_counts"]
     print(
         f"{batch_id} {batch['status']}: {counts['completed']} completed, {counts['failed']} failed"
@@ -291,12 +218,12 @@ def cmd_submit(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     client = _client(_settings())
     if args.watch:
-        bar = _Bar(args.batch_id)
-        batch = _follow(client, args.batch_id, bar)
+        bar = ProgressBar(args.batch_id)
+        batch = follow(client, args.batch_id, bar)
         bar.close()
     else:
         batch = client.get_batch(args.batch_id)
-        _warn_unserved(client, args.batch_id)
+        warn_unserved(client, args.batch_id)
     print(json.dumps(batch, indent=2))
     return EXIT_OK
 

@@ -45,12 +45,12 @@ def sample_lines(n: int) -> list[dict[str, Any]]:
 
 def run_demo(out_dir: Path, n: int, quiet: bool = False) -> int:
     from .app import configure
-    from .cli import _Bar, _write_jsonl
+    from .follow import ProgressBar, write_jsonl
     from .submit import Client
 
     out_dir.mkdir(parents=True, exist_ok=True)
     input_path = out_dir / "requests.jsonl"
-    _write_jsonl(input_path, iter(sample_lines(n)))
+    write_jsonl(input_path, iter(sample_lines(n)))
     db_path = out_dir / "demo.sqlite3"
     for stale in out_dir.glob("demo.sqlite3*"):
         stale.unlink()
@@ -71,13 +71,13 @@ def run_demo(out_dir: Path, n: int, quiet: bool = False) -> int:
         )
         started = time.time()
         batch_id = client.submit_batch(input_path, metadata={"source": "demo"})
-        bar = _Bar(batch_id, enabled=not quiet)
+        bar = ProgressBar(batch_id, enabled=not quiet)
         batch = run_batch(client, batch_id, on_progress=bar)
         bar.close()
         elapsed = time.time() - started
         out, err = out_dir / "output.jsonl", out_dir / "errors.jsonl"
-        n_out = _write_jsonl(out, client.iter_results(batch_id))
-        n_err = _write_jsonl(err, client.iter_results(batch_id, errors=True))
+        n_out = write_jsonl(out, client.iter_results(batch_id))
+        n_err = write_jsonl(err, client.iter_results(batch_id, errors=True))
         calls = mock.state.calls
     counts = batch["request_counts"]
     print(
