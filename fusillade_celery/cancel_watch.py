@@ -26,7 +26,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Generic, TypeAlias, TypeVar, cast
 
 from . import workers
-from .store import Store
+from .store import Store, retry_while_unreachable
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -155,18 +155,15 @@ class CancelWatch:
         if not workers.may_have_been_reaped(created):
             return False
         request_id, token = cast(tuple[int, str], key)  # execute's (id, token) keys
-        delay, until = 0.25, time.monotonic() + self.LOST_CHECK_PATIENCE_S
-        while True:
-            try:
-                return not self.store.still_held(request_id, token)
-            except Exception as exc:  # noqa: BLE001 - see the docstring
-                if time.monotonic() + delay > until:
-                    log.warning(
-                        "could not check whether a request is still held; not sent: %s", exc
-                    )
-                    return True
-                time.sleep(delay)  # the database may be back in a moment (a restart)
-                delay = min(delay * 2, 5.0)
+        try:
+            return not retry_while_unreachable(
+                lambda: self.store.still_held(request_id, token),
+                self.LOST_CHECK_PATIENCE_S,
+                "the check that a request is still held",
+            )
+        except Exception as exc:  # noqa: BLE001 - see the docstring
+            log.warning("could not check whether a request is still held; not sent: %s", exc)
+            return True
 
     def _poll(self) -> set[str] | None:
         """Which batches of the attempts in flight are cancelled (None: nothing in flight or

@@ -14,14 +14,23 @@ from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import requests
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import DBAPIError
 
 from . import upstream
 from .cancel_watch import Aborted, Attempts, CancelWatch, Job
 from .retry import retry_delay
 from .settings import Settings
 from .states import RequestState
-from .store import Finish, HandOff, Store, WorkItem, Written, new_token
+from .store import (
+    Finish,
+    HandOff,
+    Store,
+    WorkItem,
+    Written,
+    new_token,
+    retry_while_unreachable,
+    unreachable,
+)
 
 log = logging.getLogger(__name__)
 
@@ -105,24 +114,6 @@ def decide(item: WorkItem, outcome: upstream.Outcome, now: float, settings: Sett
     return Finish(item.id, item.token, RequestState.FAILED, outcome.status, outcome.body, error)
 
 
-#: SQLSTATEs that mean the server is going away or not yet accepting connections.
-_UNAVAILABLE = frozenset({"57P01", "57P02", "57P03"})
-
-
-def _unreachable(exc: DBAPIError) -> bool:
-    """The database could not be reached or dropped the connection, rather than refusing
-    the statement (a deadlock, a serialization failure, a full disk, which carry an SQLSTATE
-    of their own): worth waiting for. Connection failures carry no SQLSTATE, or class 08."""
-    if exc.connection_invalidated:
-        return True
-    if not isinstance(exc, (OperationalError, InterfaceError)):
-        return False
-    state = getattr(exc.orig, "sqlstate", None)
-    if state:
-        return str(state).startswith("08") or state in _UNAVAILABLE
-    return True  # no SQLSTATE: psycopg's connection failures, SQLite's locked or I/O errors
-
-
 def _write(
     store: Store,
     finishes: list[Finish],
@@ -135,38 +126,22 @@ def _write(
     it. While the database is unreachable (a restart, a failover, a network cut), the
     write-back is retried for up to ``patience_s`` (the processing timeout: until then no
     reaper takes the rows back): the upstream has answered and may have charged for it, and
-    a result dropped here would be paid for again when the row is reclaimed and resent."""
+    a result dropped here would be paid for again when the row is reclaimed and resent. It is
+    retried with the same hand-off (its token), so the requests a statement whose reply was
+    lost had started are found (``Store.finish``)."""
     try:
         return store.finish(finishes, now, target)
     except DBAPIError as exc:
-        if target is None and not _unreachable(exc):
-            raise
-        log.warning("write-back failed (%s); writing back again without a hand-off", exc.orig)
-    until = time.monotonic() + patience_s
-    delay = 0.25
-    while True:
-        try:
-            written = store.finish(finishes, now)
-            if target is not None and target.token is not None:
-                # The hand-off may have committed before its reply was lost: the requests
-                # it started are this worker's to run (nobody else holds their token), with
-                # their processing clock restarted (the outage may have used it up).
-                held = store.held(target.token)
-                if held:
-                    store.touch_started([(i.id, i.token) for i in held], time.time())
-                return Written(written.changed, held)
-            return written
-        except DBAPIError as exc:
-            if not _unreachable(exc) or time.monotonic() + delay > until:
+        if not unreachable(exc):
+            if target is None:
                 raise
-            log.warning(
-                "database unreachable (%s); write-back of %d results retried in %.1f s",
-                str(exc.orig).strip().splitlines()[0] if exc.orig else exc,
-                len(finishes),
-                delay,
-            )
-            time.sleep(delay)
-            delay = min(delay * 2, 5.0)
+            log.warning("write-back with hand-off failed (%s); writing back without it", exc.orig)
+            return store.finish(finishes, now)
+    return retry_while_unreachable(
+        lambda: store.finish(finishes, now, target),
+        patience_s,
+        f"write-back of {len(finishes)} results",
+    )
 
 
 def _written(store: Store, finishes: list[Finish], written: Written) -> list[Finish]:

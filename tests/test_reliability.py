@@ -421,11 +421,14 @@ def test_rows_a_hand_off_started_are_run_when_its_reply_was_lost(
     items = store.start([rows[0].id], token, "w1", now)
     real_finish = store.finish
 
+    lost: list[bool] = []
+
     def reply_lost(results: Any, at: float, hand_off: HandOff | None = None) -> Any:
-        if hand_off is not None:
-            real_finish(results, at, hand_off)  # committed ...
+        written = real_finish(results, at, hand_off)  # committed ...
+        if not lost:  # ... the first reply lost, then the database answers again
+            lost.append(True)
             raise OperationalError("finish", {}, Exception("server closed the connection"))
-        return real_finish(results, at)
+        return written
 
     store.finish = reply_lost  # type: ignore[method-assign]
     done = [Finish(items[0].id, token, RequestState.COMPLETED, 200, "{}")]

@@ -18,6 +18,8 @@ from .base import (
     WorkItem,
     Written,
     new_token,
+    retry_while_unreachable,
+    unreachable,
 )
 from .batches import BatchStore
 from .claims import ClaimStore
@@ -43,4 +45,6 @@ __all__ = [
     "WorkItem",
     "Written",
     "new_token",
+    "retry_while_unreachable",
+    "unreachable",
 ]

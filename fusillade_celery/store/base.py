@@ -30,7 +30,7 @@ from sqlalchemy import (
     column,
 )
 from sqlalchemy.dialects.postgresql import ARRAY
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from .. import schema as t
 from ..db import writer_lock
@@ -120,6 +120,46 @@ _ACTIVE_BATCH = and_(
 )
 #: Batch columns that may be sent upstream as ``x-fusillade-batch-<column>`` headers.
 HEADER_COLUMNS = ("id", "endpoint", "completion_window", "created_at", "expires_at", "owner")
+
+
+#: SQLSTATEs that mean the server is going away or not yet accepting connections.
+_UNAVAILABLE = frozenset({"57P01", "57P02", "57P03"})
+
+
+def unreachable(exc: DBAPIError) -> bool:
+    """The database could not be reached or dropped the connection, rather than refusing
+    the statement (a deadlock, a serialization failure, a full disk, which carry an SQLSTATE
+    of their own): worth waiting for. Connection failures carry no SQLSTATE, or class 08."""
+    if exc.connection_invalidated:
+        return True
+    if not isinstance(exc, (OperationalError, InterfaceError)):
+        return False
+    state = getattr(exc.orig, "sqlstate", None)
+    if state:
+        return str(state).startswith("08") or state in _UNAVAILABLE
+    return True  # no SQLSTATE: psycopg's connection failures, SQLite's locked or I/O errors
+
+
+_R = TypeVar("_R")
+
+
+def retry_while_unreachable(run: Callable[[], _R], patience_s: float, what: str) -> _R:
+    """``run()``, tried again while the database is unreachable (a restart, a failover, a
+    network cut) for up to ``patience_s``: 0.25 s between tries, doubling to 5 s. Other
+    errors, and the last one, are raised. For work whose loss costs more than the wait: a
+    write-back of answers the upstream already gave, the check before a call."""
+    until = time.monotonic() + patience_s
+    delay = 0.25
+    while True:
+        try:
+            return run()
+        except DBAPIError as exc:
+            if not unreachable(exc) or time.monotonic() + delay > until:
+                raise
+            first = str(exc.orig).strip().splitlines()[0] if exc.orig else type(exc).__name__
+            log.warning("database unreachable (%s); %s retried in %.1f s", first, what, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
 
 def _on_disconnect_retry(fn: F) -> F:

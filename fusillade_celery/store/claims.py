@@ -172,9 +172,12 @@ class ClaimStore(StoreBase):
         then reaches the upstream, which at 1,000 in flight kept each slot idle for about
         130 ms of every 1 s call (benchmark "latency").
 
-        The connection may drop after the statement committed; it is then run again, which
-        writes nothing (fenced) and hands off nothing, so the rows the first run started are
-        looked up by their token: they are this worker's to run (nobody else holds it)."""
+        The statement may have committed before its reply was lost (a dropped connection,
+        retried here, or an unreachable database, retried by the caller with the same
+        ``hand_off.token``): run again, it writes nothing (fenced) and hands off nothing, so
+        when a write changed fewer rows than given, the rows started under the token are
+        looked up: they are this worker's to run (nobody else holds it), with their
+        processing clock restarted (the outage may have used it up)."""
         if not results:
             return Written(0, [])
         rows = [_result_row(f) for f in results]
@@ -192,9 +195,13 @@ class ClaimStore(StoreBase):
             )
         runs: list[int] = []
         written = self._write_back(rows, params, hand_off is not None, runs)
-        if hand_off is None or len(runs) == 1:
+        if hand_off is None or (len(runs) == 1 and written.changed >= len(rows)):
             return written
-        started = {i.id: i for i in [*self._held(params["p_token"]), *written.started]}
+        started = {i.id: i for i in written.started}
+        earlier = [i for i in self.held(params["p_token"]) if i.id not in started]
+        if earlier:
+            self.touch_started([(i.id, i.token) for i in earlier], time.time())
+            started.update((i.id, i) for i in earlier)
         return Written(written.changed, sorted(started.values(), key=lambda i: i.id))
 
     @_on_disconnect_retry
@@ -231,14 +238,10 @@ class ClaimStore(StoreBase):
         now_held = {(i, token, state) for i, token, state in rows}
         return [f for f in results if (f.id, f.token, f.state.value) in now_held]
 
-    def held(self, token: str) -> list[WorkItem]:
-        """The rows processing under ``token``, with what their attempts need: the requests a
-        hand-off under that token started, when its statement's reply was lost."""
-        return self._held(token)
-
     @_on_disconnect_retry
-    def _held(self, token: str) -> list[WorkItem]:
-        """The rows a hand-off under ``token`` started (``finish``)."""
+    def held(self, token: str) -> list[WorkItem]:
+        """The rows processing under ``token``, with what their attempts need: the requests
+        a hand-off under that token started (``finish``)."""
         with self._one() as conn:
             rows = conn.execute(_held_statement(), {"p_token": token}).mappings()
             return [_work_item(m, token) for m in rows]
@@ -293,12 +296,12 @@ class ClaimStore(StoreBase):
 
     @_on_disconnect_retry
     def touch_started(self, held: Iterable[tuple[int, str]], now: float) -> int:
-        """Restart the processing clock of rows this worker holds but has not sent yet, or
-        has just sent after waiting for one of its ``-c`` slots: ``started_at`` is stamped
-        when a message starts its rows, and a row that then waited behind the worker's other
-        calls longer than the processing timeout was reaped while alive and sent twice.
-        Fenced on each row's token and ``processing``. Off the hot path: only rows that
-        waited are touched, by the cancel watcher, a statement per token every few seconds."""
+        """Restart the processing clock of rows this worker holds and has not sent yet:
+        ``started_at`` is stamped when a message starts its rows, and a row that then waited
+        behind the worker's other calls longer than the processing timeout was reaped while
+        alive and sent twice. Fenced on each row's token and ``processing``. Off the hot
+        path: only rows that waited a quarter of the processing timeout are touched (by the
+        cancel watcher), and those a lost reply left (``finish``)."""
         by_token: dict[str, list[int]] = {}
         for request_id, token in held:
             by_token.setdefault(token, []).append(request_id)
