@@ -116,9 +116,8 @@ class Heartbeat:
             log.warning("could not mark worker %s dead: %s", self.id, exc)
 
 
-_current: dict[int, Heartbeat] = {}
-#: This process's heartbeat, for the per-attempt check (``may_have_been_reaped``) without a
-#: ``getpid`` each time; emptied in a forked child, which starts its own.
+#: This process's heartbeat (none or one), emptied in a forked child, which starts its own:
+#: read before every upstream call (``may_have_been_reaped``), so without a ``getpid``.
 _mine: list[Heartbeat] = []
 os.register_at_fork(after_in_child=_mine.clear)
 
@@ -126,13 +125,12 @@ os.register_at_fork(after_in_child=_mine.clear)
 def start(
     store: Store, settings: Settings, queues: str, concurrency: int | None = None
 ) -> Heartbeat:
-    """Start this process's heartbeat once (idempotent per pid)."""
-    hb = _current.get(os.getpid())
-    if hb is None:
-        hb = Heartbeat(store, settings, queues, concurrency)
-        _current[os.getpid()] = hb
-        _mine[:] = [hb]
-        hb.start()
+    """Start this process's heartbeat once (a forked child starts its own)."""
+    if _mine:
+        return _mine[0]
+    hb = Heartbeat(store, settings, queues, concurrency)
+    _mine.append(hb)
+    hb.start()
     return hb
 
 
@@ -140,9 +138,9 @@ def db_reachable_for() -> float:
     """How long this process's heartbeats have reached the database without a failure
     (seconds; 0 while they fail; infinite in a process without a heartbeat, such as a test
     or a client calling maintenance itself)."""
-    hb = _current.get(os.getpid())
-    if hb is None:
+    if not _mine:
         return float("inf")
+    hb = _mine[0]
     if hb.reachable_since is None:
         return 0.0
     return time.monotonic() - hb.reachable_since
@@ -157,7 +155,5 @@ def may_have_been_reaped(since: float) -> bool:
 
 
 def stop() -> None:
-    hb = _current.pop(os.getpid(), None)
-    _mine.clear()
-    if hb is not None:
-        hb.stop()
+    if _mine:
+        _mine.pop().stop()

@@ -7,7 +7,6 @@ not outlive the batch. SQLite and PostgreSQL unless a test says otherwise."""
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 import uuid
@@ -121,7 +120,7 @@ def test_the_stale_worker_rule_waits_until_this_process_reaches_the_database_aga
     token, rows = client.store.claim("m1", "m1", 5, 5, t0)
     client.store.start([rows[0].id], token, "silent", t0)
     hb = workers.Heartbeat(client.store, settings, "model.m1")
-    monkeypatch.setitem(workers._current, __import__("os").getpid(), hb)
+    monkeypatch.setattr(workers, "_mine", [hb])
     hb.reachable_since = time.monotonic()  # the outage just ended here
     assert maintenance.reap(client.store, settings) == 0
     hb.reachable_since = time.monotonic() - settings.stale_worker_threshold_ms / 1000.0 - 1
@@ -329,7 +328,6 @@ def own_heartbeat() -> Iterator[Callable[[_HeartbeatDb], workers.Heartbeat]]:
         return hb
 
     yield register
-    workers._current.pop(os.getpid(), None)
     workers._mine.clear()
 
 
