@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -71,15 +70,9 @@ def write_results(client: Any, batch_id: str, out: Path, err: Path) -> tuple[int
 def follow(
     client: Any, batch_id: str, on_progress: Callable[[dict[str, Any]], None]
 ) -> dict[str, Any]:
-    from .states import TERMINAL_BATCH, BatchStatus
-
     warn_unserved(client, batch_id)
-    while True:
-        batch: dict[str, Any] = client.get_batch(batch_id, counts_max_age_s=0.5)
-        on_progress(batch)
-        if BatchStatus(batch["status"]) in TERMINAL_BATCH:
-            return batch
-        time.sleep(0.5)
+    batch: dict[str, Any] = client.wait_batch(batch_id, on_progress=on_progress)
+    return batch
 
 
 def file_sha256(path: Path) -> str:

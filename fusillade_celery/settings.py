@@ -8,6 +8,7 @@ names the variable, keeps a typo from silently becoming a default in one process
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -348,6 +349,21 @@ def _compact_statuses(codes: frozenset[int]) -> str:
             parts.append(f"{base // 100}xx")
             codes = codes - block
     return ",".join(parts + [str(c) for c in sorted(codes, reverse=True)])
+
+
+@functools.lru_cache(maxsize=256)
+def upstream_allowed(url: str, prefixes: tuple[str, ...]) -> bool:
+    """Whether a batch's own upstream is within ``FUSILLADE_ALLOWED_UPSTREAMS`` (empty:
+    anything goes), asked at submit and by the worker (cached: per attempt there). A prefix
+    matches at a boundary only: ``https://api.example.com`` allows
+    ``https://api.example.com/v1`` but not ``https://api.example.com.evil.net``."""
+    if not prefixes:
+        return True
+    url = url.rstrip("/")
+    return any(
+        url == p or (url.startswith(p) and (p.endswith("/") or url[len(p)] in "/?#"))
+        for p in prefixes
+    )
 
 
 def redact_url(url: str) -> str:

@@ -14,7 +14,7 @@ import math
 import os
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from .db import get_engine
 from .migrate import ensure_schema
 from .output import batch_object, batch_status, result_line
 from .queues import queue_for_model
-from .settings import Settings, parse_duration_s, redact_url
+from .settings import Settings, parse_duration_s, redact_url, upstream_allowed
 from .states import TERMINAL_BATCH, BatchStatus, RequestState
 from .store import NotFound, Store
 from .validation import ByteLines, InputError, Limits, ParsedLine, Source, parse_lines
@@ -68,19 +68,6 @@ def batch_upstream(url: str | None) -> str | None:
     """A batch's own upstream as it is stored (without a trailing slash), so whatever looks a
     batch up by it (the embedded resume) matches however the URL was typed."""
     return url.rstrip("/") if url else None
-
-
-def upstream_allowed(url: str, prefixes: tuple[str, ...]) -> bool:
-    """Whether a batch's own upstream is within ``FUSILLADE_ALLOWED_UPSTREAMS`` (empty:
-    anything goes). A prefix matches at a boundary only: ``https://api.example.com``
-    allows ``https://api.example.com/v1`` but not ``https://api.example.com.evil.net``."""
-    if not prefixes:
-        return True
-    url = url.rstrip("/")
-    return any(
-        url == p or (url.startswith(p) and (p.endswith("/") or url[len(p)] in "/?#"))
-        for p in prefixes
-    )
 
 
 def _check_metadata(metadata: dict[str, Any] | None) -> dict[str, str] | None:
@@ -238,13 +225,20 @@ class Client:
     # ------------------------------------------------------------------ read
 
     def wait_batch(
-        self, batch_id: str, timeout: float | None = None, poll_s: float = 0.5
+        self,
+        batch_id: str,
+        timeout: float | None = None,
+        poll_s: float = 0.5,
+        on_progress: Callable[[dict[str, Any]], None] | None = None,
     ) -> dict[str, Any]:
         """Block until the batch is finished (completed, failed, expired or cancelled) and
-        return its Batch object; ``TimeoutError`` after ``timeout`` seconds (None: no limit)."""
+        return its Batch object; ``TimeoutError`` after ``timeout`` seconds (None: no limit).
+        ``on_progress`` gets the Batch object of every poll (the CLI's progress bar)."""
         until = None if timeout is None else time.monotonic() + timeout
         while True:
             batch = self.get_batch(batch_id, counts_max_age_s=poll_s)
+            if on_progress is not None:
+                on_progress(batch)
             if BatchStatus(batch["status"]) in TERMINAL_BATCH:
                 return batch
             if until is not None and time.monotonic() >= until:

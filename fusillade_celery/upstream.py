@@ -15,7 +15,6 @@ import os
 import threading
 import time
 import urllib.parse
-import urllib.request
 from dataclasses import dataclass
 from http.cookiejar import DefaultCookiePolicy
 from typing import Any
@@ -32,7 +31,7 @@ from requests.utils import (
 
 from . import keyseal
 from .egress import NO_PROXIES, Egress
-from .settings import Settings, redact_url
+from .settings import Settings, redact_url, upstream_allowed
 from .states import ErrorKind
 from .store import WorkItem
 
@@ -234,13 +233,6 @@ class NotAllowed(ValueError):
     """A batch's own upstream is outside ``FUSILLADE_ALLOWED_UPSTREAMS`` of this worker."""
 
 
-@functools.lru_cache(maxsize=256)
-def _batch_upstream_allowed(url: str, prefixes: tuple[str, ...]) -> bool:
-    from .submit import upstream_allowed
-
-    return upstream_allowed(url, prefixes)
-
-
 def resolve(item: WorkItem, settings: Settings) -> tuple[str | None, str]:
     """(base URL, key) for the item: the batch's own upstream wins; else the routed model's
     route. A batch-level URL never receives a key from settings (it may be another host).
@@ -249,7 +241,7 @@ def resolve(item: WorkItem, settings: Settings) -> tuple[str | None, str]:
     too: the submitter's environment may differ from the workers' (``NotAllowed``). A key
     stored sealed (``keyseal``) is opened here (``SealError`` when it cannot be)."""
     if item.upstream_url:
-        if settings.allowed_upstreams and not _batch_upstream_allowed(
+        if settings.allowed_upstreams and not upstream_allowed(
             item.upstream_url, settings.allowed_upstreams
         ):
             raise NotAllowed(
