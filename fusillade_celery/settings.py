@@ -373,15 +373,7 @@ def redact_url(url: str) -> str:
 
 def env_help() -> list[tuple[str, str, str]]:
     """(env var, default, meaning) for every setting."""
-    defaults = Settings()
-    return [
-        (
-            ENV_PREFIX + f.name.upper(),
-            shown_value(f.name, getattr(defaults, f.name)),
-            f.metadata["doc"],
-        )
-        for f in dataclasses.fields(Settings)
-    ]
+    return [(name, value, doc) for name, value, _, doc in env_table(Settings(), {})]
 
 
 def env_table(

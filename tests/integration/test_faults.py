@@ -19,6 +19,7 @@ from fusillade_celery.tasks import publish_execute
 from ..conftest import line
 from ..services import wait_for
 from .conftest import Cluster, Processes, running_cluster
+from .outage_checks import completed
 
 pytestmark = pytest.mark.integration
 
@@ -47,10 +48,6 @@ def faults(
         },
     ) as cp:
         yield cp
-
-
-def completed(c: Cluster, batch_id: str) -> int:
-    return int(c.client.get_batch(batch_id)["request_counts"]["completed"])
 
 
 def assert_exactly_once_with_real_responses(c: Cluster, batch_id: str, prefix: str, n: int) -> None:
