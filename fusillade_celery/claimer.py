@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 
 from sqlalchemy import Engine
 
+from . import live
 from .settings import Settings
 from .store import Claimed, Store
 
@@ -116,6 +117,8 @@ def claim_model(
 
     SLA escalation comes first: rows whose batch has less than the threshold left go to the
     escalation model's queue under that model's limit, and ``routed_model`` records it.
+    Limits and escalations are the live ones (``live.current``): a change made with
+    ``fusillade-celery limits set`` is used from the next claim interval on.
 
     With ``consumed``, nothing is claimed for a queue that no live worker consumes: its
     messages would only wait there, and each claim timeout the reaper would take the rows
@@ -124,7 +127,8 @@ def claim_model(
     batch still expires on time) and are claimed as soon as a worker for the queue starts."""
     now = time.time() if now is None else now
     total = 0
-    escalation = settings.escalations.get(model)
+    config = live.current(store, settings)
+    escalation = config.escalations.get(model)
     if escalation is not None and _consumed(consumed, escalation.model):
         total += _claim_into(
             store,
@@ -133,10 +137,11 @@ def claim_model(
             model,
             escalation.model,
             now,
+            config.limit_for(escalation.model),
             deadline_before=now + escalation.threshold_s,
         )
     if _consumed(consumed, model):
-        total += _claim_into(store, settings, publish, model, model, now)
+        total += _claim_into(store, settings, publish, model, model, now, config.limit_for(model))
     return total
 
 
@@ -167,12 +172,15 @@ def _claim_into(
     model: str,
     routed: str,
     now: float,
+    limit: int,
     deadline_before: float | None = None,
 ) -> int:
+    if limit <= 0:  # paused (``limits set model=0``): in-flight requests finish, none start
+        return 0
     token, rows = store.claim(
         model,
         routed,
-        limit=settings.limit_for(routed),
+        limit=limit,
         batch_size=settings.claim_batch_size,
         now=now,
         deadline_before=deadline_before,

@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 import requests
 from sqlalchemy.exc import DBAPIError
 
-from . import upstream
+from . import live, upstream
 from .cancel_watch import Aborted, Attempts, CancelWatch, Job
+from .live import LiveConfig
 from .retry import retry_delay
 from .settings import Settings
 from .states import RequestState
@@ -72,19 +73,30 @@ class HandOffPolicy:
     ``-c`` slot (then the slot is theirs). Never for a model that has an SLA escalation or
     is one: which rows are urgent, and whose slot they take, is the claimer's decision (a
     hand-off skipping urgent rows would keep the slots they could have had busy with later
-    ones)."""
+    ones).
+
+    Nor once the model's live limit is below what it was when the message began
+    (``started_with``): a hand-off keeps the in-flight count where it is, so a lowered limit
+    is reached only if the messages that began under the old one stop handing off and drain.
+    Messages claimed after the change hand off freely: the claim already kept them within
+    the new limit, and a hand-off replaces a slot one for one."""
 
     until: float
     worker_id: str
     active: Callable[[], bool] = lambda: True
+    started_with: LiveConfig | None = None
 
     def target(
-        self, settings: Settings, model: str, now: float, watch: CancelWatch
+        self, config: LiveConfig, settings: Settings, model: str, now: float, watch: CancelWatch
     ) -> HandOff | None:
         if now >= self.until or not self.active() or watch.others_waiting():
             return None
-        escalating = settings.escalations
-        if model in escalating or any(e.model == model for e in escalating.values()):
+        if config.escalating(model):
+            return None
+        limit = config.limit_for(model)
+        if limit <= 0 or (
+            self.started_with is not None and limit < self.started_with.limit_for(model)
+        ):
             return None
         return HandOff(
             model, self.worker_id, settings.stop_before_deadline_ms / 1000.0, token=new_token()
@@ -253,7 +265,8 @@ def execute(
                 target = None
                 if hand_off is not None and freeing:
                     # A message's rows, and the rows handed to it, share one routed model.
-                    target = hand_off.target(settings, ended[-1].routed_model, now, watch)
+                    config = live.current(store, settings)
+                    target = hand_off.target(config, settings, ended[-1].routed_model, now, watch)
                 written = _write(
                     store, finishes, now, target, settings.processing_timeout_ms / 1000.0
                 )

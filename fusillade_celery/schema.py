@@ -176,3 +176,25 @@ workers = Table(
     # The worker's -c: the claimer sizes execute messages to fit the smallest consumer's.
     Column("concurrency", Integer),
 )
+
+# Live configuration (``fusillade-celery limits`` / ``escalations``): a row overrides the
+# environment's value for its model; no row, the environment's value applies. Read by every
+# claimer and hand-off through ``live.current`` (cached for a fraction of a claim interval).
+model_limits = Table(
+    "model_limits",
+    metadata,
+    Column("model", String(256), primary_key=True),
+    # 0 pauses the model: nothing new is claimed or handed off, in-flight requests finish.
+    Column("max_in_flight", Integer, nullable=False),
+    Column("updated_at", Float, nullable=False),
+)
+
+model_escalations = Table(
+    "model_escalations",
+    metadata,
+    Column("model", String(256), primary_key=True),
+    # NULL: escalation switched off for the model, whatever the environment says.
+    Column("escalation_model", String(256)),
+    Column("threshold_s", Integer, nullable=False),
+    Column("updated_at", Float, nullable=False),
+)

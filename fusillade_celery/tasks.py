@@ -14,7 +14,7 @@ from typing import Any
 
 from celery import Task, signals
 
-from . import claimer, execute, maintenance, upstream
+from . import claimer, execute, live, maintenance, upstream
 from . import control as _control  # noqa: F401  (registers the cancel broadcast command)
 from .app import app, get_settings, get_store
 from .cancel_watch import get_watch
@@ -125,6 +125,7 @@ def execute_requests(self: Task, routed_model: str, token: str, ids: list[int]) 
             until=time.time() + settings.handoff_window_ms / 1000.0,
             worker_id=wid,
             active=lambda: HAND_OFF["allowed"],
+            started_with=live.current(store, settings),
         )
     report = execute.execute(
         store,

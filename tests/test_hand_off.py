@@ -15,10 +15,11 @@ from sqlalchemy.exc import DBAPIError
 from fusillade_celery import claimer, schema
 from fusillade_celery.cancel_watch import CancelWatch
 from fusillade_celery.execute import HandOffPolicy, execute
+from fusillade_celery.live import LiveConfig
 from fusillade_celery.mock_upstream import MockUpstream
 from fusillade_celery.settings import Escalation, Settings
 from fusillade_celery.states import IN_FLIGHT, RequestState
-from fusillade_celery.store import Finish, HandOff, Store
+from fusillade_celery.store import Finish, HandOff, Store, StoredConfig
 from fusillade_celery.submit import Client
 from fusillade_celery.upstream import get_session
 
@@ -98,11 +99,31 @@ def test_no_hand_off_for_models_in_an_sla_escalation(client: Client, settings: S
     policy = HandOffPolicy(until=time.time() + 60, worker_id="w1")
     watch = CancelWatch(client.store, 1.0)
     now = time.time()
-    assert policy.target(escalating, "m1", now, watch) is None
-    assert policy.target(escalating, "m1-fast", now, watch) is None
+    assert policy.target(LiveConfig(escalating), escalating, "m1", now, watch) is None
+    assert policy.target(LiveConfig(escalating), escalating, "m1-fast", now, watch) is None
     for model, s in (("m2", escalating), ("m1", settings)):
-        target = policy.target(s, model, now, watch)
+        target = policy.target(LiveConfig(s), s, model, now, watch)
         assert target is not None and (target.model, target.worker_id) == (model, "w1")
+
+
+def test_a_lowered_limit_stops_the_hand_offs_of_messages_begun_under_the_old_one(
+    client: Client, settings: Settings
+) -> None:
+    """A hand-off replaces a slot one for one, so the in-flight count drains to a lowered
+    limit only if messages begun under the old limit stop handing off; messages begun under
+    the new one (claimed within it) go on; a paused model (0) hands nothing on."""
+    watch = CancelWatch(client.store, 1.0)
+    now = time.time()
+    old = LiveConfig(settings, StoredConfig({"m1": 8}, {}))
+    lowered = LiveConfig(settings, StoredConfig({"m1": 2}, {}))
+    begun_before = HandOffPolicy(until=now + 60, worker_id="w1", started_with=old)
+    begun_after = HandOffPolicy(until=now + 60, worker_id="w1", started_with=lowered)
+    assert begun_before.target(old, settings, "m1", now, watch) is not None
+    assert begun_before.target(lowered, settings, "m1", now, watch) is None
+    assert begun_before.target(lowered, settings, "m2", now, watch) is not None
+    assert begun_after.target(lowered, settings, "m1", now, watch) is not None
+    paused = LiveConfig(settings, StoredConfig({"m1": 0}, {}))
+    assert begun_after.target(paused, settings, "m1", now, watch) is None
 
 
 def test_a_message_runs_the_requests_its_freed_slots_start(

@@ -23,15 +23,16 @@ from .base import (
 )
 from .batches import BatchStore
 from .claims import ClaimStore
+from .config import ConfigStore, StoredConfig
 from .maintenance import MaintenanceStore
 from .submit import SubmitStore
 from .workers import WorkerStore
 
 
-class Store(SubmitStore, ClaimStore, BatchStore, MaintenanceStore, WorkerStore):
+class Store(SubmitStore, ClaimStore, BatchStore, MaintenanceStore, WorkerStore, ConfigStore):
     """The state of record, behind one interface. Works on PostgreSQL and on SQLite. Its
     methods live in one module per concern (``claims``, ``batches``, ``maintenance``,
-    ``workers``, ``submit``); the hot statements in ``statements``."""
+    ``workers``, ``submit``, ``config``); the hot statements in ``statements``."""
 
 
 __all__ = [
@@ -41,6 +42,7 @@ __all__ = [
     "NotFound",
     "Store",
     "StoreBase",
+    "StoredConfig",
     "TERMINAL",
     "WorkItem",
     "Written",
