@@ -2,11 +2,20 @@
 
 ``celery -A fusillade_celery worker -Q model.<name>`` finds :data:`app` here; applications
 enqueue work with :func:`submit_batch`, wait for it with :func:`wait_batch` and read it back
-with :func:`get_batch` and :func:`iter_results`.
+with :func:`get_batch` and :func:`iter_results`; operators change limits and escalations
+while it runs with :func:`set_limits` and :func:`set_escalations`.
 """
 
 from . import tasks as _tasks  # noqa: E402,F401  (registers the tasks on the app)
 from .app import app
+from .limits import (
+    escalations_table,
+    limits_table,
+    set_escalations,
+    set_limits,
+    unset_escalations,
+    unset_limits,
+)
 from .queues import queue_for_model
 from .settings import Settings
 from .store import NotFound
@@ -32,10 +41,16 @@ __all__ = [
     "cancel_batch",
     "delete_batch",
     "delete_file",
+    "escalations_table",
     "get_batch",
     "iter_file",
     "iter_results",
+    "limits_table",
     "queue_for_model",
+    "set_escalations",
+    "set_limits",
     "submit_batch",
+    "unset_escalations",
+    "unset_limits",
     "wait_batch",
 ]

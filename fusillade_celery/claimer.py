@@ -69,8 +69,10 @@ class MessageSizer:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._cache: dict[tuple[Engine, str], tuple[float, list[int | None]]] = {}
-        #: Set while this process is the only worker (embedded mode): its -c, no lookup.
+        #: Set while this process is the only worker (embedded mode): its -c and its queues,
+        #: no lookup.
         self.only_consumer: int | None = None
+        self.only_queues: frozenset[str] = frozenset()
 
     def split(
         self, store: Store, settings: Settings, queue: str, ids: Sequence[int]
@@ -86,7 +88,7 @@ class MessageSizer:
 
     def consumers(self, store: Store, settings: Settings, queue: str) -> list[int | None]:
         if self.only_consumer is not None:
-            return [self.only_consumer]
+            return [self.only_consumer] if queue in self.only_queues else []
         now = time.time()
         key = (store.engine, queue)  # one engine per database and process (db.get_engine)
         with self._lock:

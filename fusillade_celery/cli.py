@@ -402,6 +402,10 @@ def build_parser() -> argparse.ArgumentParser:
         "settings", help="every FUSILLADE_* env var with the value in effect (secrets masked)"
     )
     p.set_defaults(func=cmd_settings)
+
+    from . import limits  # each group of operator commands registers its own
+
+    limits.register(sub)
     return parser
 
 

@@ -17,8 +17,9 @@ from typing import Any
 from celery import worker as celery_worker
 from celery.worker import state as worker_state
 
-from . import claimer, maintenance, upstream
+from . import claimer, live, maintenance, upstream
 from .app import IN_PROCESS_WORKER, app, configure, reset_broker_connections
+from .live import LiveConfig
 from .queues import CONTROL_QUEUE, direct_queue, queue_for_model
 from .settings import MEMORY_BROKER, Settings
 from .states import TERMINAL_BATCH, BatchStatus
@@ -96,24 +97,28 @@ def embedded_settings(settings: Settings) -> Settings:
     return settings.replace(broker_url=MEMORY_BROKER)
 
 
-def queues_for(models: list[str], settings: Settings) -> list[str]:
-    names = set(models) | {
-        settings.escalations[m].model for m in models if m in settings.escalations
-    }
-    return [CONTROL_QUEUE] + sorted(queue_for_model(m) for m in names)
+def _with_escalations(models: list[str], config: LiveConfig) -> set[str]:
+    esc = config.escalations
+    return set(models) | {esc[m].model for m in models if m in esc}
+
+
+def queues_for(models: list[str], config: LiveConfig) -> list[str]:
+    """The control queue and the queues of the batch's models and their escalation models
+    (as configured when the run starts: an escalation set during the run to a model whose
+    queue this process does not consume is not used, and its rows are claimed as usual)."""
+    return [CONTROL_QUEUE] + sorted(queue_for_model(m) for m in _with_escalations(models, config))
 
 
 #: Most worker threads an embedded run starts by itself (``--concurrency`` sets any number).
 MAX_DEFAULT_CONCURRENCY = 1024
 
 
-def default_concurrency(models: list[str], settings: Settings) -> int:
-    """The sum of the batch's models' limits (and their escalation models'), so every slot
-    the limits allow has a thread; at least 4, at most ``MAX_DEFAULT_CONCURRENCY``."""
-    names = set(models) | {
-        settings.escalations[m].model for m in models if m in settings.escalations
-    }
-    return max(4, min(MAX_DEFAULT_CONCURRENCY, sum(settings.limit_for(m) for m in names)))
+def default_concurrency(models: list[str], config: LiveConfig) -> int:
+    """The sum of the batch's models' limits (and their escalation models') when the run
+    starts, so every slot the limits allow has a thread; at least 4, at most
+    ``MAX_DEFAULT_CONCURRENCY``. A limit raised during the run past it is capped by it."""
+    names = _with_escalations(models, config)
+    return max(4, min(MAX_DEFAULT_CONCURRENCY, sum(config.limit_for(m) for m in names)))
 
 
 def run_batch(
@@ -142,14 +147,17 @@ def run_batch(
     import json
 
     models = json.loads(row["models"])
+    config = live.current(store, settings)
     if concurrency is None:
-        concurrency = default_concurrency(models, settings)
+        concurrency = default_concurrency(models, config)
     upstream.POOL_SIZE["size"] = concurrency  # the attempt threads and their HTTP connections
-    worker = EmbeddedWorker(queues_for(models, settings), concurrency)
+    queues = queues_for(models, config)
+    worker = EmbeddedWorker(queues, concurrency)
     worker.start()
-    from .tasks import SIZER, publish_execute
+    from .tasks import SIZER, consumed_in, publish_execute
 
     SIZER.only_consumer = concurrency  # messages sized to this process's -c
+    SIZER.only_queues = frozenset(queues)
 
     last_reap = 0.0
     try:
@@ -160,7 +168,7 @@ def run_batch(
             if now - last_reap > 5.0:
                 maintenance.reap(store, settings, now)
                 last_reap = now
-            claimer.claim_all(store, settings, publish_execute)
+            claimer.claim_all(store, settings, publish_execute, consumed_in(store, settings))
             maintenance.finalize(store, settings)
             batch = client.get_batch(batch_id, counts_max_age_s=0.5)
             if on_progress is not None:
@@ -173,4 +181,5 @@ def run_batch(
         raise
     finally:
         SIZER.only_consumer = None
+        SIZER.only_queues = frozenset()
         worker.stop(wait=True)

@@ -10,8 +10,9 @@ latency-bound inference server does. Behaviour is set globally by flags, or per 
 * ``mock_stall_ms: t`` - the first call for this custom_id waits t ms before answering;
 * ``mock_latency_ms: t`` - every call for this custom_id takes t ms.
 
-``GET /_mock/stats`` reports calls, per-model peak concurrency, and (unless ``--no-log``) a log
-of calls with their timing and the ``x-fusillade-*`` / ``authorization`` headers seen.
+``GET /_mock/stats`` reports calls, per-model peak concurrency, and (unless ``--no-log`` or
+``?log=0``) a log of calls with their timing and the ``x-fusillade-*`` / ``authorization``
+headers seen.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ class MockState:
         self.seq = 0
         self.first_call_at: float | None = None
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self, log: bool = True) -> dict[str, Any]:
         return {
             "calls": self.calls,
             "by_custom_id": dict(self.by_custom_id),
@@ -66,7 +67,7 @@ class MockState:
             "peak_concurrency": dict(self.peak),
             "disconnects": self.disconnects,
             "first_call_at": self.first_call_at,
-            "log": self.log if self.config.log_calls else [],
+            "log": self.log if self.config.log_calls and log else [],
         }
 
 
@@ -179,7 +180,8 @@ def build_app(config: MockConfig) -> web.Application:
             state.in_flight[model] -= 1
 
     async def stats(request: web.Request) -> web.Response:
-        return web.json_response(state.stats())
+        # ?log=0: the counters only, for pollers (the log can be megabytes)
+        return web.json_response(state.stats(log=request.query.get("log") != "0"))
 
     async def reset(request: web.Request) -> web.Response:
         state.reset()

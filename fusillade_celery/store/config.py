@@ -27,13 +27,11 @@ class StoredConfig:
 class ConfigStore(StoreBase):
     @_on_disconnect_retry
     def stored_config(self) -> StoredConfig:
-        """Both tables, in one transaction (read once per cache period per process)."""
+        """Both tables (read once per cache period per process)."""
         lim, esc = t.model_limits, t.model_escalations
         with self._one() as conn:
-            limits = dict(conn.execute(select(lim.c.model, lim.c.max_in_flight)).tuples())
-            rows = conn.execute(
-                select(esc.c.model, esc.c.escalation_model, esc.c.threshold_s)
-            ).tuples()
+            limits = {m: n for m, n in conn.execute(select(lim.c.model, lim.c.max_in_flight))}
+            rows = conn.execute(select(esc.c.model, esc.c.escalation_model, esc.c.threshold_s))
             escalations = {
                 m: (Escalation(target, threshold) if target is not None else None)
                 for m, target, threshold in rows

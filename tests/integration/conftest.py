@@ -30,7 +30,7 @@ from fusillade_celery.submit import Client
 from .. import services
 
 API_KEY = "sk-integration-SECRET-4242"
-MODELS = ("limited", "wide", "wider", "m1", "m2")
+MODELS = ("limited", "wide", "wider", "m1", "m2", "live")
 REDIS_DB = 11
 
 
