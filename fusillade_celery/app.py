@@ -147,6 +147,24 @@ def _start_heartbeat(sender: Any = None, **_: Any) -> None:
     workers.start(get_store(), get_settings(), names, int(concurrency) if concurrency else None)
 
 
+@signals.worker_ready.connect
+def _serve_metrics(**_: Any) -> None:
+    """Serve this worker's metrics (``FUSILLADE_METRICS_PORT``) and start its status line,
+    in the process that serves them: the only one under gevent and threads, the parent
+    (summing its children's, ``metrics.py``) under prefork."""
+    from . import metrics
+
+    settings = get_settings()
+    metrics.on_worker_start(settings.metrics_port, settings.status_log_interval_ms)
+
+
+@signals.worker_process_shutdown.connect
+def _child_metrics_gone(pid: int | None = None, **_: Any) -> None:
+    from . import metrics
+
+    metrics.process_exited(pid or os.getpid())
+
+
 #: Young-generation threshold of the garbage collector in a worker (Python's default: 700).
 GC_THRESHOLD = (50_000, 20, 100)
 

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 
 from sqlalchemy import Engine
 
-from . import live
+from . import live, metrics
 from .settings import Settings
 from .store import Claimed, Store
 
@@ -179,6 +179,7 @@ def _claim_into(
 ) -> int:
     if limit <= 0:  # paused (``limits set model=0``): in-flight requests finish, none start
         return 0
+    started = time.perf_counter()
     token, rows = store.claim(
         model,
         routed,
@@ -188,6 +189,7 @@ def _claim_into(
         deadline_before=deadline_before,
         stop_before_s=settings.stop_before_deadline_ms / 1000.0,
     )
+    metrics.count_claim(model, routed, limit, len(rows), time.perf_counter() - started)
     if not rows:
         return 0
     publish(routed, token, [c.id for c in rows])

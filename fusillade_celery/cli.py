@@ -403,9 +403,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_settings)
 
-    from . import limits  # each group of operator commands registers its own
+    from . import exporter, limits  # each group of operator commands registers its own
 
     limits.register(sub)
+    exporter.register(sub)
     return parser
 
 

@@ -10,13 +10,14 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Callable, Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import requests
 from sqlalchemy.exc import DBAPIError
 
-from . import live, upstream
+from . import live, metrics, upstream
 from .cancel_watch import Aborted, Attempts, CancelWatch, Job
 from .live import LiveConfig
 from .retry import retry_delay
@@ -170,19 +171,38 @@ def _written(store: Store, finishes: list[Finish], written: Written) -> list[Fin
 
 
 def _count_and_retry(
-    finishes: list[Finish], now: float, report: Report, schedule_retry: ScheduleRetry
+    finishes: list[Finish],
+    now: float,
+    report: Report,
+    schedule_retry: ScheduleRetry,
+    items: Mapping[Hashable, WorkItem],
 ) -> None:
-    """Count a written chunk and schedule its retries, grouped by token and delay."""
+    """Count a written chunk (the report, and this process's metrics: only what the write-back
+    wrote, so a stale result is not counted) and schedule its retries, grouped by token and
+    delay. ``items`` holds each result's attempt by (id, token)."""
     retries: dict[tuple[str, float], list[int]] = {}
+    # Tallied here, counted once per chunk: a locked increment per request and metric cost
+    # more than the dict updates.
+    completed: dict[str, int] = {}
+    failed: dict[tuple[str, str | None, int | None], int] = {}
+    retried: list[int] = []  # retries before each completion
+    late = 0
     for f in finishes:
         if f.state is RequestState.COMPLETED:
             report.completed += 1
+            item = items[f.id, f.token]
+            completed[item.routed_model] = completed.get(item.routed_model, 0) + 1
+            retried.append(item.attempt)
+            late += now > item.deadline
         elif f.state is RequestState.FAILED:
             report.failed += 1
+            key = (items[f.id, f.token].routed_model, (f.error or {}).get("kind"), f.status)
+            failed[key] = failed.get(key, 0) + 1
         else:
             assert f.not_before is not None
             report.retrying += 1
             retries.setdefault((f.token, round(max(f.not_before - now, 0.0), 3)), []).append(f.id)
+    metrics.count_written(completed, failed, retried, late)
     for (token, delay), retry_ids in retries.items():
         report.retries.setdefault(delay, []).extend(retry_ids)
         try:
@@ -234,30 +254,40 @@ def execute(
 
     def jobs(new: Iterable[WorkItem]) -> list[Job[upstream.Outcome]]:
         out: list[Job[upstream.Outcome]] = []
+        held: dict[str, int] = {}
         for item in new:
             running[item.id, item.token] = item
-            attempt = functools.partial(upstream.attempt, session, item, settings)
+            held[item.routed_model] = held.get(item.routed_model, 0) + 1
+            attempt = functools.partial(
+                metrics.timed, item.routed_model, upstream.attempt, session, item, settings
+            )
             out.append(((item.id, item.token), item.batch_id, attempt))
+        metrics.add_in_flight(held)
         return out
 
     attempts: Attempts[upstream.Outcome] = watch.attempts(FLUSH_S)
-    with attempts:
+    with attempts, _left_in_flight(running):
         attempts.add(jobs(items), created=started_mono)
         for chunk in attempts:
             finishes = []
+            decided: dict[Hashable, WorkItem] = {}  # the attempt of each result, for counting
             ended: list[WorkItem] = []  # aborted (already canceled) or written terminal
             freeing = 0  # rows this write-back moves out of the model's slots
+            left: dict[str, int] = {}  # requests no longer in flight here, per model
             for key, outcome, finished_at in chunk:
                 item = running.pop(key)
+                left[item.routed_model] = left.get(item.routed_model, 0) + 1
                 if isinstance(outcome, Aborted):
                     report.aborted += 1  # the row is canceled already: nothing to write
                     ended.append(item)
                     continue
                 finish = decide(item, outcome, finished_at, settings)
                 finishes.append(finish)
+                decided[key] = item
                 if finish.state is not RequestState.RETRYING:
                     ended.append(item)
                     freeing += 1
+            metrics.add_in_flight(left, -1)
             started: list[WorkItem] = []
             if finishes:
                 now = time.time()
@@ -275,10 +305,23 @@ def execute(
                 report.handed_off += len(started)
                 done = _written(store, finishes, written)
                 report.stale += len(finishes) - len(done)
-                _count_and_retry(done, now, report, schedule_retry)
+                _count_and_retry(done, now, report, schedule_retry, decided)
             if requests_ended is not None and ended:
                 _report_ended(requests_ended, ended, started)
     return report
+
+
+@contextmanager
+def _left_in_flight(running: Mapping[Hashable, WorkItem]) -> Iterator[None]:
+    """On the way out, the attempts still ``running`` (abandoned: an error ended the message)
+    leave this process's in-flight count."""
+    try:
+        yield
+    finally:
+        left: dict[str, int] = {}
+        for item in running.values():
+            left[item.routed_model] = left.get(item.routed_model, 0) + 1
+        metrics.add_in_flight(left, -1)
 
 
 def _report_ended(

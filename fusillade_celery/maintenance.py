@@ -10,9 +10,10 @@ import logging
 import time
 from collections.abc import Callable
 
-from . import workers
+from . import metrics, workers
 from .retry import backoff_s, expiry_grace_s
 from .settings import Settings
+from .states import ErrorKind
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -21,9 +22,12 @@ log = logging.getLogger(__name__)
 def finalize(store: Store, settings: Settings, now: float | None = None) -> dict[str, list[str]]:
     """Expire overdue batches, then close the ones whose requests are all terminal."""
     now = time.time() if now is None else now
-    expired = store.expire_batches(now, expiry_grace_s(settings))
+    failed: dict[str, int] = {}
+    expired = store.expire_batches(now, expiry_grace_s(settings), failed_by_model=failed)
     for batch_id in expired:
         log.info("batch %s expired", batch_id)
+    for model, n in failed.items():
+        metrics.count_failed(model, ErrorKind.BATCH_EXPIRED.value, None, n)
     return {"expired": expired, "finalized": finalize_now(store, None, now)}
 
 
@@ -32,9 +36,14 @@ def finalize_now(store: Store, batch_ids: list[str] | None, now: float | None = 
     pass, a worker calls this after a write-back, so a finished batch reads ``completed`` at
     once rather than at beat's next finalize tick (up to ``claim_interval_ms`` later). A no-op
     for batches still running."""
-    finalized = store.finalize_batches(time.time() if now is None else now, only=batch_ids)
+    cancelled: dict[str, int] = {}
+    finalized = store.finalize_batches(
+        time.time() if now is None else now, only=batch_ids, cancelled=cancelled
+    )
     for batch_id in finalized:
         log.info("batch %s finalized", batch_id)
+    if cancelled:
+        metrics.count_cancelled(len(cancelled), sum(cancelled.values()))
     return finalized
 
 
@@ -52,6 +61,7 @@ def reap(store: Store, settings: Settings, now: float | None = None) -> int:
     stale_rule = workers.db_reachable_for() >= stale_s
     if not stale_rule:
         log.info("stale-worker rule paused: this process reached the database only just now")
+    failed: dict[str, int] = {}
     n = store.reap(
         now,
         settings.claim_timeout_ms / 1000.0,
@@ -60,7 +70,10 @@ def reap(store: Store, settings: Settings, now: float | None = None) -> int:
         limit=settings.unclaim_batch_size,
         max_retries=settings.max_retries,
         retry_delay_s=backoff_s(0, settings),
+        failed_by_model=failed,
     )
+    for model, spent in failed.items():
+        metrics.count_failed(model, ErrorKind.TASK_TERMINATED.value, None, spent)
     if n:
         log.warning("reaped %d orphaned requests (back to pending, or failed task_terminated)", n)
     return n
@@ -78,6 +91,7 @@ def purge(
         if n == 0:
             break
         chunks.append((time.time(), n))
+        metrics.count_purged(n)
         sleep(settings.purge_throttle_ms / 1000.0)
     if chunks:
         log.info("purged %d rows in %d chunks", sum(n for _, n in chunks), len(chunks))

@@ -59,6 +59,14 @@ def _positive(raw: str) -> int:
     return value
 
 
+def _port(raw: str) -> int:
+    """A TCP port, 0 meaning "not served"."""
+    value = _int(raw)
+    if not 0 <= value <= 65535:
+        raise ValueError(f"expected a port from 0 to 65535, got {value}")
+    return value
+
+
 def _float(raw: str) -> float:
     return float(raw)
 
@@ -266,6 +274,12 @@ class Settings:
     max_line_bytes: int = _env(_positive, 1_048_576, "largest accepted input line")
     max_file_bytes: int = _env(_positive, 2_147_483_648, "largest accepted input file")
     db_pool_size: int = _env(_positive, 10, "SQLAlchemy pool size per process")
+    metrics_port: int = _env(
+        _port, 0, "each worker serves its Prometheus /metrics on this port (0: not served)"
+    )
+    status_log_interval_ms: int = _env(
+        _int, 30000, "each worker logs in flight, completed and failed this often (0: never)"
+    )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:

@@ -16,6 +16,7 @@ import threading
 import time
 import uuid
 
+from . import metrics
 from .settings import Settings
 from .store import Store
 
@@ -80,9 +81,11 @@ class Heartbeat:
         self._thread.start()
 
     def beat(self) -> None:
+        started = time.perf_counter()
         self.store.heartbeat(
             self.id, socket.gethostname(), os.getpid(), self.queues, time.time(), self.concurrency
         )
+        metrics.observe_heartbeat(time.perf_counter() - started)
 
     def _beat_and_note(self) -> None:
         try:

@@ -25,18 +25,22 @@ from .batches import BatchStore
 from .claims import ClaimStore
 from .config import ConfigStore, StoredConfig
 from .maintenance import MaintenanceStore
+from .metrics import ClusterGauges, MetricsStore
 from .submit import SubmitStore
 from .workers import WorkerStore
 
 
-class Store(SubmitStore, ClaimStore, BatchStore, MaintenanceStore, WorkerStore, ConfigStore):
+class Store(
+    SubmitStore, ClaimStore, BatchStore, MaintenanceStore, WorkerStore, ConfigStore, MetricsStore
+):
     """The state of record, behind one interface. Works on PostgreSQL and on SQLite. Its
     methods live in one module per concern (``claims``, ``batches``, ``maintenance``,
-    ``workers``, ``submit``, ``config``); the hot statements in ``statements``."""
+    ``workers``, ``submit``, ``config``, ``metrics``); the hot statements in ``statements``."""
 
 
 __all__ = [
     "Claimed",
+    "ClusterGauges",
     "Finish",
     "HandOff",
     "NotFound",

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import (
+    ColumnElement,
     Connection,
+    Update,
     and_,
     bindparam,
     case,
@@ -34,20 +37,47 @@ from .base import (
 )
 
 
+def _add(into: dict[str, int] | None, counts: dict[str, int]) -> None:
+    """Add ``counts`` to a caller's tally, once the transaction that made them committed."""
+    if into is not None:
+        for key, n in counts.items():
+            into[key] = into.get(key, 0) + n
+
+
 class MaintenanceStore(StoreBase):
     """What beat's periodic tasks and the embedded loop run."""
 
+    def _update_counted(
+        self, conn: Connection, stmt: Update, *keys: ColumnElement[Any]
+    ) -> list[tuple[Any, ...]]:
+        """Run ``stmt`` and count the rows it changed by ``keys`` (their values after it):
+        ``(key values..., count)`` rows. For the metrics of bulk moves (expiry, the reaper),
+        exact and without a query of their own: PostgreSQL counts in the same statement (the
+        UPDATE as a CTE), SQLite returns the keys of each row changed (its scale is small)."""
+        labelled = [k.label(f"k{i}") for i, k in enumerate(keys)]
+        if self.is_postgres:
+            changed = stmt.returning(*labelled).cte("changed")
+            cols = [changed.c[f"k{i}"] for i in range(len(keys))]
+            rows = conn.execute(select(*cols, func.count()).group_by(*cols))
+            return [tuple(row) for row in rows]
+        counts = Counter(tuple(row) for row in conn.execute(stmt.returning(*labelled)))
+        return [(*key, n) for key, n in counts.items()]
+
     @_on_disconnect_retry
-    def expire_batches(self, now: float, grace_s: float) -> list[str]:
+    def expire_batches(
+        self, now: float, grace_s: float, failed_by_model: dict[str, int] | None = None
+    ) -> list[str]:
         """Batches past ``expires_at + grace_s`` with requests unfinished: those fail
         ``batch_expired`` (finished results are kept) and the batch reads ``expired``. A batch
         whose requests all finished in time is left to the finalizer (``completed``), however
-        late its finalize pass comes."""
+        late its finalize pass comes. ``failed_by_model``, when given, gets the requests
+        failed here per routed model (else requested model), for the metrics."""
         r, b = t.requests, t.batches
         unfinished = exists(
             select(r.c.id).where(r.c.batch_id == b.c.id, r.c.state.in_(_NOT_TERMINAL))
         )
         expired: list[str] = []
+        failed: dict[str, int] = {}  # handed over once committed (a retried run starts over)
         error = json.dumps(
             {"kind": ErrorKind.BATCH_EXPIRED.value, "detail": "batch expired before completion"}
         )
@@ -70,11 +100,17 @@ class MaintenanceStore(StoreBase):
                 .all()
             )
             for batch_id in ids:
-                conn.execute(
+                fail = (
                     update(r)
                     .where(r.c.batch_id == batch_id, r.c.state.in_(_NOT_TERMINAL))
                     .values(state=S.FAILED.value, failed_at=now, error=error)
                 )
+                if failed_by_model is None:
+                    conn.execute(fail)
+                else:
+                    model = func.coalesce(r.c.routed_model, r.c.model)
+                    for name, n in self._update_counted(conn, fail, model):
+                        failed[name] = failed.get(name, 0) + n
                 self._attach_result_files(conn, batch_id, now)
                 conn.execute(
                     update(b)
@@ -86,18 +122,28 @@ class MaintenanceStore(StoreBase):
                     )
                 )
                 expired.append(batch_id)
+        _add(failed_by_model, failed)
         return expired
 
     @_on_disconnect_retry
-    def finalize_batches(self, now: float, only: Sequence[str] | None = None) -> list[str]:
+    def finalize_batches(
+        self,
+        now: float,
+        only: Sequence[str] | None = None,
+        cancelled: dict[str, int] | None = None,
+    ) -> list[str]:
         """Active batches whose requests are all terminal get their closing timestamps:
         finalizing, then completed / failed (nothing completed) / cancelled. ``only`` limits
         the pass to those batches (a worker finalizing right after its last write-back).
         Finalizers run concurrently (beat's and the workers'), so the batch rows are locked
-        and the closing update is conditional: each batch is closed once."""
+        and the closing update is conditional: each batch is closed once. ``cancelled``,
+        when given, gets each batch closed cancelled with its canceled requests (one count
+        per such batch), for the metrics: counted here, once, in a worker, whichever process
+        issued the cancel."""
         r, b = t.requests, t.batches
         unfinished = exists().where(r.c.batch_id == b.c.id, r.c.state.in_(_NOT_TERMINAL))
         done: list[str] = []
+        closed_cancelled: dict[str, int] = {}
         pick = select(b.c.id, b.c.cancelling_at, b.c.total_requests).where(
             _ACTIVE_BATCH, ~unfinished
         )
@@ -125,6 +171,12 @@ class MaintenanceStore(StoreBase):
                 }
                 if cancelling_at is not None:
                     values["cancelled_at"] = now
+                    if cancelled is not None:
+                        closed_cancelled[batch_id] = conn.execute(
+                            select(func.count()).where(
+                                r.c.batch_id == batch_id, r.c.state == S.CANCELED.value
+                            )
+                        ).scalar_one()
                 elif conn.execute(ran_out_of_time, {"batch": batch_id}).first() is not None:
                     # Requests not sent because the deadline came first (upstream.attempt)
                     # ended before the expiry pass did: the batch expired all the same.
@@ -142,6 +194,7 @@ class MaintenanceStore(StoreBase):
                     values["completed_at"] = now
                 conn.execute(update(b).where(b.c.id == batch_id, _ACTIVE_BATCH).values(**values))
                 done.append(batch_id)
+        _add(cancelled, closed_cancelled)
         return done
 
     def _attach_result_files(self, conn: Connection, batch_id: str, now: float) -> None:
@@ -182,6 +235,7 @@ class MaintenanceStore(StoreBase):
         limit: int = 10_000,
         max_retries: int | None = None,
         retry_delay_s: float = 0.0,
+        failed_by_model: dict[str, int] | None = None,
     ) -> int:
         """Orphaned claims back to pending (token cleared so the next claim stamps a new
         one): claimed past the claim timeout, processing past the processing timeout,
@@ -195,7 +249,9 @@ class MaintenanceStore(StoreBase):
         before it can be claimed again, and once ``max_retries`` attempts are spent it fails
         with that reason. Why: a request whose call kills its worker every time was retried
         until its batch expired, killing a worker each time. Rows reaped from ``claimed`` or
-        ``retrying`` were never sent by this claim: their attempt count is kept."""
+        ``retrying`` were never sent by this claim: their attempt count is kept.
+        ``failed_by_model``, when given, gets the requests failed here per routed model
+        (for the metrics: ``task_terminated``)."""
         r, w = t.requests, t.workers
         conditions = [
             and_(r.c.state == S.CLAIMED.value, r.c.claimed_at < now - claim_timeout_s),
@@ -228,7 +284,7 @@ class MaintenanceStore(StoreBase):
                 .limit(limit)
                 .with_for_update(skip_locked=True)
             )
-            res = conn.execute(
+            reap = (
                 update(r)
                 .where(r.c.id.in_(pick.scalar_subquery()), r.c.state.in_(_IN_FLIGHT))
                 .values(
@@ -243,7 +299,12 @@ class MaintenanceStore(StoreBase):
                     worker_id=None,
                 )
             )
-            return max(res.rowcount, 0)
+            if failed_by_model is None:
+                return max(conn.execute(reap).rowcount, 0)
+            model = func.coalesce(r.c.routed_model, r.c.model)
+            moved = self._update_counted(conn, reap, r.c.state, model)
+        _add(failed_by_model, {name: n for state, name, n in moved if state == S.FAILED.value})
+        return sum(n for *_, n in moved)
 
     @_on_disconnect_retry
     def purge_chunk(self, size: int) -> int:

@@ -102,7 +102,10 @@ class Processes:
         self.queues = queues
         self.pool = pool
 
-    def start_worker(self, name: str, concurrency: int = 20) -> None:
+    def start_worker(
+        self, name: str, concurrency: int = 20, env: dict[str, str] | None = None
+    ) -> None:
+        """Start worker ``name``; ``env`` adds to the cluster's environment (its own port)."""
         log = self.c.log_dir / f"{name}.log"
         offset = log.stat().st_size if log.exists() else 0
         self.c.procs[name] = _celery(
@@ -119,7 +122,7 @@ class Processes:
                 "-l",
                 "info",
             ],
-            self.c.env,
+            {**self.c.env, **(env or {})},
             log,
         )
         services.wait_for(
