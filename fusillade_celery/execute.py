@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import requests
 from sqlalchemy.exc import DBAPIError
 
-from . import live, upstream
+from . import live, processors, upstream
 from .cancel_watch import Aborted, Attempts, CancelWatch, Job
 from .live import LiveConfig
 from .retry import retry_delay
@@ -231,12 +231,13 @@ def execute(
     # Keyed by (id, token), not id: a row reaped while its attempt still runs here may be
     # handed back to this very message under a new token; both attempts are then its own.
     running: dict[Hashable, WorkItem] = {}
+    dispatch = processors.dispatcher(settings, watch)  # the processor of each request's path
 
     def jobs(new: Iterable[WorkItem]) -> list[Job[upstream.Outcome]]:
         out: list[Job[upstream.Outcome]] = []
         for item in new:
             running[item.id, item.token] = item
-            attempt = functools.partial(upstream.attempt, session, item, settings)
+            attempt = functools.partial(dispatch, session, item, settings)
             out.append(((item.id, item.token), item.batch_id, attempt))
         return out
 
