@@ -116,6 +116,8 @@ class _Assembler:
     def feed(self, event: bytes, data: bytes) -> bool:
         self.events += 1
         if data == b"[DONE]":
+            if self.events == 1:  # nothing before it: no reply to give
+                raise BrokenStream("empty stream: [DONE] and nothing before it")
             return True
         obj = _loads(data)
         _raise_error(obj, data)
@@ -169,6 +171,21 @@ class _Assembler:
             state["logprobs"] = _merge_logprobs(state.get("logprobs"), choice["logprobs"])
 
 
+def _merge_function(function: dict[str, Any], delta: dict[str, Any]) -> None:
+    """A function call's delta: ``arguments`` concatenated, ``name`` sent once (some servers
+    repeat it in every delta), other fields the last value."""
+    function.setdefault("name", None)
+    function.setdefault("arguments", "")
+    for key, value in delta.items():
+        if key == "arguments" and isinstance(value, str):
+            function["arguments"] += value
+        elif key == "name":
+            if value and not function["name"]:
+                function["name"] = value
+        elif value is not None:
+            function[key] = value
+
+
 class ChatAssembler(_Assembler):
     """``chat.completion.chunk`` deltas into a ``chat.completion``: text fields (``content``,
     ``refusal``, ...) concatenated, the role set once, tool-call deltas merged by index with
@@ -187,6 +204,8 @@ class ChatAssembler(_Assembler):
                     message["role"] = value
             elif key == "tool_calls":
                 self.tool_calls(state.setdefault("tools", {}), value)
+            elif key == "function_call" and isinstance(value, dict):  # before tool_calls
+                _merge_function(message.setdefault("function_call", {}), value)
             elif isinstance(value, str):
                 parts = texts.get(key)
                 if parts is None:
@@ -211,15 +230,7 @@ class ChatAssembler(_Assembler):
                 call = tools[index] = {"id": None, "type": "function"}
             for key, value in delta.items():
                 if key == "function" and isinstance(value, dict):
-                    function = call.setdefault("function", {"name": None, "arguments": ""})
-                    for fkey, fvalue in value.items():
-                        if fkey == "arguments" and isinstance(fvalue, str):
-                            function["arguments"] += fvalue
-                        elif fkey == "name":
-                            if fvalue and not function.get("name"):
-                                function["name"] = fvalue  # sent once; some servers repeat it
-                        elif fvalue is not None:
-                            function[fkey] = fvalue
+                    _merge_function(call.setdefault("function", {}), value)
                 elif key in ("id", "type"):
                     if value and (call.get(key) is None or key == "type"):
                         call[key] = value

@@ -141,6 +141,18 @@ def test_chat_refusal_is_concatenated_and_the_role_set_once() -> None:
     assert reassemble("chat", raw)["system_fingerprint"] == "fp"
 
 
+def test_a_legacy_function_call_is_merged_like_a_tool_call() -> None:
+    raw = sse_bytes(
+        chunk([{"index": 0, "delta": {"role": "assistant", "function_call": {"name": "f"}}}]),
+        chunk([{"index": 0, "delta": {"function_call": {"arguments": '{"a"'}}}]),
+        chunk([{"index": 0, "delta": {"function_call": {"name": "f", "arguments": ":1}"}}}]),
+        chunk([{"index": 0, "delta": {}, "finish_reason": "function_call"}]),
+        "[DONE]",
+    )
+    (choice,) = reassemble("chat", raw)["choices"]
+    assert choice["message"]["function_call"] == {"name": "f", "arguments": '{"a":1}'}
+
+
 def test_text_completion_text_and_logprob_lists_are_joined() -> None:
     head = {"id": "cmpl-1", "object": "text_completion", "created": 7, "model": "m"}
 
@@ -223,6 +235,11 @@ def test_error_status_reads_numeric_codes_then_names() -> None:
     assert error_status({"code": None, "type": "invalid_request_error"}) == 400
     assert error_status({"code": "context_length_exceeded"}) == 400
     assert error_status("oops") == 500
+
+
+def test_done_with_nothing_before_it_is_an_empty_stream() -> None:
+    with pytest.raises(BrokenStream, match="empty stream"):
+        reassemble("chat", sse_bytes("[DONE]"))
 
 
 @pytest.mark.parametrize(
