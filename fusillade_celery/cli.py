@@ -141,6 +141,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     input_path = Path(args.input)
     if not input_path.is_file():
         raise CliError(f"no such file: {input_path}", EXIT_INPUT)
+    if settings.embedded:  # this process runs the requests: a bad processor, before submit
+        from . import processors
+
+        processors.load(settings)
     out, err = _default_paths(input_path, args.output, args.errors)
     api_key = _api_key(args, settings)
     client = _client(settings)

@@ -17,7 +17,7 @@ from typing import Any
 from celery import worker as celery_worker
 from celery.worker import state as worker_state
 
-from . import claimer, live, maintenance, upstream
+from . import claimer, live, maintenance, processors, upstream
 from .app import IN_PROCESS_WORKER, app, configure, reset_broker_connections
 from .live import LiveConfig
 from .queues import CONTROL_QUEUE, direct_queue, queue_for_model
@@ -134,6 +134,7 @@ def run_batch(
     embedded mode this process is the only worker, so they are orphans by definition. Setting
     ``stop`` ends the run as Ctrl-C does (KeyboardInterrupt) at the next tick."""
     settings = client.settings
+    processors.load(settings)  # a bad FUSILLADE_PROCESSORS: ConfigError before anything runs
     configure(embedded_settings(settings))
     # A fresh producer pool: the worker of an earlier run in this process closed its pool
     # when it stopped (a notebook, a script running two batches).

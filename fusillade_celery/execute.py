@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import requests
 from sqlalchemy.exc import DBAPIError
 
-from . import live, metrics, upstream
+from . import live, metrics, processors, upstream
 from .cancel_watch import Aborted, Attempts, CancelWatch, Job
 from .live import LiveConfig
 from .retry import retry_delay
@@ -251,6 +251,7 @@ def execute(
     # Keyed by (id, token), not id: a row reaped while its attempt still runs here may be
     # handed back to this very message under a new token; both attempts are then its own.
     running: dict[Hashable, WorkItem] = {}
+    dispatch = processors.dispatcher(settings, watch)  # the processor of each request's path
 
     def jobs(new: Iterable[WorkItem]) -> list[Job[upstream.Outcome]]:
         out: list[Job[upstream.Outcome]] = []
@@ -259,7 +260,7 @@ def execute(
             running[item.id, item.token] = item
             held[item.routed_model] = held.get(item.routed_model, 0) + 1
             attempt = functools.partial(
-                metrics.timed, item.routed_model, upstream.attempt, session, item, settings
+                metrics.timed, item.routed_model, dispatch, session, item, settings
             )
             out.append(((item.id, item.token), item.batch_id, attempt))
         metrics.add_in_flight(held)

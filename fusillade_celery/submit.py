@@ -22,6 +22,7 @@ from . import keyseal
 from .db import get_engine
 from .migrate import ensure_schema
 from .output import batch_object, batch_status, result_line
+from .processors import processor_paths
 from .queues import queue_for_model
 from .settings import Settings, parse_duration_s, redact_url, upstream_allowed
 from .states import TERMINAL_BATCH, BatchStatus, RequestState
@@ -147,7 +148,7 @@ class Client:
 
         def chunks() -> Iterator[list[dict[str, Any]]]:
             chunk: list[dict[str, Any]] = []
-            for line in parse_lines(stream, limits, endpoint):
+            for line in parse_lines(stream, limits, endpoint, processor_paths(self.settings)):
                 self._check_model(line, models, upstream)
                 state["count"] += 1
                 state["url"] = line.url
