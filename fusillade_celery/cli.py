@@ -24,6 +24,7 @@ from .follow import (
     file_sha256,
     follow,
     warn_unserved,
+    with_models,
     write_results,
 )
 from .settings import ConfigError, Settings, env_table, redact_url, unknown_env_names
@@ -164,7 +165,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             api_key=api_key,
         )
         print(f"submitted {batch_id}", file=sys.stderr)
-    bar = ProgressBar(batch_id, enabled=not args.quiet)
+    bar = ProgressBar(batch_id, enabled=not args.quiet, client=client)
     try:
         if settings.embedded:
             batch = _run_embedded(client, batch_id, bar, args.concurrency)
@@ -222,13 +223,13 @@ def cmd_submit(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     client = _client(_settings())
     if args.watch:
-        bar = ProgressBar(args.batch_id)
+        bar = ProgressBar(args.batch_id, client=client)
         batch = follow(client, args.batch_id, bar)
         bar.close()
     else:
         batch = client.get_batch(args.batch_id)
         warn_unserved(client, args.batch_id)
-    print(json.dumps(batch, indent=2))
+    print(json.dumps(with_models(client, batch), indent=2))
     return EXIT_OK
 
 
@@ -361,7 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metadata", action="append", metavar="KEY=VALUE", help="batch metadata")
     p.set_defaults(func=cmd_submit)
 
-    p = sub.add_parser("status", help="the Batch object as JSON")
+    p = sub.add_parser("status", help="the Batch object as JSON, with its models' last errors")
     p.add_argument("batch_id")
     p.add_argument("--watch", action="store_true", help="show progress until the batch ends")
     p.set_defaults(func=cmd_status)
@@ -407,10 +408,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_settings)
 
-    from . import exporter, limits  # each group of operator commands registers its own
+    from . import exporter, limits, top  # each group of operator commands registers its own
 
     limits.register(sub)
     exporter.register(sub)
+    top.register(sub)
     return parser
 
 

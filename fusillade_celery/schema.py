@@ -198,3 +198,19 @@ model_escalations = Table(
     Column("threshold_s", Integer, nullable=False),
     Column("updated_at", Float, nullable=False),
 )
+
+# The last upstream failure per model (``fusillade-celery status`` / ``top``): written by the
+# workers at most once per model every few seconds per process (``failures.FailureLog``), so
+# an unreachable upstream shows up without a query per request. One row per model, replaced.
+model_errors = Table(
+    "model_errors",
+    metadata,
+    Column("model", String(256), primary_key=True),  # the routed model
+    Column("kind", String(32), nullable=False),  # ErrorKind
+    Column("status_code", Integer),
+    Column("message", String(512), nullable=False),  # short; never a key, a body snippet at most
+    Column("host", String(512)),  # the upstream's host[:port], never its URL's credentials
+    Column("last_at", Float, nullable=False),
+    # Failures counted since the row was made (a rate-limited write adds the ones it stands for).
+    Column("error_count", BigInteger, nullable=False, server_default="0"),
+)

@@ -24,25 +24,38 @@ from .base import (
 from .batches import BatchStore
 from .claims import ClaimStore
 from .config import ConfigStore, StoredConfig
+from .errors import ModelError
 from .maintenance import MaintenanceStore
 from .metrics import ClusterGauges, MetricsStore
+from .overview import BatchProgress, ModelOverview, OverviewStore
 from .submit import SubmitStore
 from .workers import WorkerStore
 
 
 class Store(
-    SubmitStore, ClaimStore, BatchStore, MaintenanceStore, WorkerStore, ConfigStore, MetricsStore
+    SubmitStore,
+    ClaimStore,
+    BatchStore,
+    MaintenanceStore,
+    WorkerStore,
+    ConfigStore,
+    MetricsStore,
+    OverviewStore,
 ):
     """The state of record, behind one interface. Works on PostgreSQL and on SQLite. Its
     methods live in one module per concern (``claims``, ``batches``, ``maintenance``,
-    ``workers``, ``submit``, ``config``, ``metrics``); the hot statements in ``statements``."""
+    ``workers``, ``submit``, ``config``, ``metrics``, ``errors`` and ``overview``); the hot
+    statements in ``statements``."""
 
 
 __all__ = [
+    "BatchProgress",
     "Claimed",
     "ClusterGauges",
     "Finish",
     "HandOff",
+    "ModelError",
+    "ModelOverview",
     "NotFound",
     "Store",
     "StoreBase",
