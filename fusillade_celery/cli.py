@@ -476,4 +476,8 @@ def entrypoint() -> None:
 
 
 if __name__ == "__main__":
-    entrypoint()
+    # ``python -m``: run the package's module, not this ``__main__`` copy of it, so that the
+    # CliError raised by commands registered from other modules is the one main catches.
+    from fusillade_celery.cli import entrypoint as _entrypoint
+
+    _entrypoint()
