@@ -25,21 +25,26 @@ from .batches import BatchStore
 from .claims import ClaimStore
 from .config import ConfigStore, StoredConfig
 from .maintenance import MaintenanceStore
+from .steps import NewStep, Step, StepStore
 from .submit import SubmitStore
 from .workers import WorkerStore
 
 
-class Store(SubmitStore, ClaimStore, BatchStore, MaintenanceStore, WorkerStore, ConfigStore):
+class Store(
+    SubmitStore, ClaimStore, BatchStore, MaintenanceStore, WorkerStore, ConfigStore, StepStore
+):
     """The state of record, behind one interface. Works on PostgreSQL and on SQLite. Its
     methods live in one module per concern (``claims``, ``batches``, ``maintenance``,
-    ``workers``, ``submit``, ``config``); the hot statements in ``statements``."""
+    ``workers``, ``submit``, ``config``, ``steps``); the hot statements in ``statements``."""
 
 
 __all__ = [
     "Claimed",
     "Finish",
     "HandOff",
+    "NewStep",
     "NotFound",
+    "Step",
     "Store",
     "StoreBase",
     "StoredConfig",
