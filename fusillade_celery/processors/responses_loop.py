@@ -132,9 +132,8 @@ class _Run:
             messages, fields = fmt.translate(body, frozenset(t.name for t in self.config.tools))
         except ValueError as exc:  # Unsupported, or a body that is not JSON
             return upstream.Outcome(ErrorKind.BUILDER_ERROR, detail=f"{PATH} loop: {exc}")
-        fields["tools"] = [self._tool(n).function() for n in sorted(visible)] + fields.get(
-            "tools", []
-        )
+        ours = [t.function() for t in self.config.tools if t.name in visible]  # config order
+        fields["tools"] = ours + fields.get("tools", [])
         if self.item.url in self.settings.stream_endpoints:
             fields["stream"] = True  # the operator streams /v1/responses: its model calls too
         top = _Level(None, 0, self.item.model, visible, messages, fields, self.item)

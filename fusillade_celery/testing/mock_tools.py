@@ -7,6 +7,8 @@ is steered by fields of its own arguments (the model chose them, so a mock upstr
 ``mock_tool_script`` decides what each tool call does):
 
 * ``mock_latency_ms: t`` - the answer comes after t ms;
+* ``mock_stall_ms: t`` - the first call with this call id answers after t ms (one sent again
+  after a worker died then answers at once);
 * ``mock_statuses: [503, 200]`` - the n-th call with this call id gets the n-th status (the
   last one repeats); an error's body is ``{"error": "mock tool error ..."}``;
 * ``mock_text: true`` - a ``text/plain`` answer instead of JSON.
@@ -85,6 +87,8 @@ def build_tools_app() -> web.Application:
         state.log.append(entry)
         try:
             latency = float(args.get("mock_latency_ms", 0) or 0)
+            if call == 1 and args.get("mock_stall_ms"):
+                latency = float(args["mock_stall_ms"])
             if latency:
                 await asyncio.sleep(latency / 1000.0)
             statuses = args.get("mock_statuses") or [200]
