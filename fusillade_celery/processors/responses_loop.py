@@ -197,9 +197,14 @@ class _Run:
         raise AssertionError("unreachable: the last iteration returns or raises")
 
     def _check(self) -> None:
-        """Before each step: a cancel ends the attempt; so does the processing timeout
-        (the reaper would take the row back; the finished steps are kept for the retry)."""
+        """Before each step sent: a cancel ends the attempt; so do the batch's cutoff (no
+        call past it, as for a single call) and the processing timeout (the reaper would take
+        the row back; the finished steps are kept for the retry)."""
         self.cancel.check()
+        if time.time() >= self.item.deadline - self.settings.stop_before_deadline_ms / 1000.0:
+            raise _Stop(
+                upstream.Outcome(ErrorKind.BATCH_EXPIRED, detail="batch expired during the loop")
+            )
         if time.monotonic() >= self.until:
             raise _Stop(
                 upstream.Outcome(
