@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -437,3 +438,22 @@ def test_steps_are_fenced_and_purged_with_their_request(
     client.delete_batch(batch_id)
     maintenance.purge(client.store, loop_settings.replace(purge_throttle_ms=0))
     assert client.store.steps_of(row["id"]) == []
+
+
+def test_the_demo_with_tools_runs_three_step_loops(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fusillade_celery.demo import run_demo
+
+    assert run_demo(tmp_path, 10, quiet=True, tools=True) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["request_counts"] == {"total": 10, "completed": 10, "failed": 0}
+    assert (summary["upstream_calls"], summary["tool_calls"]) == (40, 10)  # 3 + 1 nested each
+    (first, *_) = [json.loads(x) for x in (tmp_path / "output.jsonl").read_text().splitlines()]
+    assert kinds(first["response"]["body"]) == [
+        "function_call:get_weather",
+        "function_call_output",
+        "function_call:summarizer",
+        "function_call_output",
+        "message",
+    ]

@@ -92,8 +92,19 @@ class ResponsesLoop:
     ) -> upstream.Outcome:
         if not settings.tools or not settings.tools.for_model(item.model):
             return upstream.attempt(session, item, settings, cancel)
-        store = Store(get_engine(settings.database_url, settings.db_pool_size, pre_ping=False))
-        return _Run(item, session, settings, cancel, store).run()
+        return _Run(item, session, settings, cancel, _store(settings)).run()
+
+
+#: The store of each engine (``get_engine``: one per process and URL), as the worker's.
+_stores: dict[Any, Store] = {}
+
+
+def _store(settings: Settings) -> Store:
+    engine = get_engine(settings.database_url, settings.db_pool_size, pre_ping=False)
+    store = _stores.get(engine)
+    if store is None:
+        store = _stores[engine] = Store(engine)
+    return store
 
 
 RESPONSES_LOOP = ResponsesLoop()
