@@ -1,5 +1,5 @@
 """``fusillade-celery``: migrate, run, submit, status, list, results, cancel, delete, demo,
-mock-upstream, settings.
+mock-upstream, mock-tools, settings.
 
 Every failure a user can cause (bad input, bad configuration, unknown batch, unreachable
 database) ends with one line on stderr and a non-zero exit, never a traceback.
@@ -278,7 +278,7 @@ def cmd_delete(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    return run_demo(Path(args.out), args.requests, quiet=args.quiet)
+    return run_demo(Path(args.out), args.requests, quiet=args.quiet, tools=args.tools)
 
 
 def cmd_mock_upstream(args: argparse.Namespace) -> int:
@@ -294,6 +294,13 @@ def cmd_mock_upstream(args: argparse.Namespace) -> int:
         log_calls=not args.no_log,
     )
     serve(config, args.host, args.port)
+    return EXIT_OK
+
+
+def cmd_mock_tools(args: argparse.Namespace) -> int:
+    from .testing.mock_tools import serve_tools
+
+    serve_tools(args.host, args.port)
     return EXIT_OK
 
 
@@ -389,6 +396,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--requests", type=int, default=1200, help="lines in the sample batch")
     p.add_argument("--out", default="demo-out", help="directory for the input and result files")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--tools",
+        action="store_true",
+        help="/v1/responses lines that run the tool loop (with the bundled mock tool server)",
+    )
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("mock-upstream", help="serve the OpenAI-compatible mock upstream")
@@ -402,6 +414,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reset-rate", type=float, default=0.0, help="fraction answered by a reset")
     p.add_argument("--no-log", action="store_true", help="do not keep a call log (benchmarks)")
     p.set_defaults(func=cmd_mock_upstream)
+
+    p = sub.add_parser("mock-tools", help="serve the mock tool server of the /v1/responses loop")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8090, help="0 picks a free port (printed)")
+    p.set_defaults(func=cmd_mock_tools)
 
     p = sub.add_parser(
         "settings", help="every FUSILLADE_* env var with the value in effect (secrets masked)"

@@ -21,7 +21,10 @@ Per-line controls (body fields) for streams; a fault applies to the first
 
 and, on every call: ``mock_stream_json: true`` answers JSON though asked to stream;
 ``mock_stream_event_ms: t`` waits t ms between events; ``mock_tool_calls: [{"name",
-"arguments"}]`` and ``mock_refusal: "text"`` shape a chat reply.
+"arguments"}]`` and ``mock_refusal: "text"`` shape a chat reply; ``mock_tool_script: [[calls of
+turn 0], [calls of turn 1], ...]`` asks for the calls of the conversation's turn (the number of
+assistant messages in ``messages``: a re-sent call gets the same answer), a text reply once the
+script is done (the ``/v1/responses`` loop's tests and demo).
 """
 
 from __future__ import annotations
@@ -56,6 +59,10 @@ class Reply:
     @classmethod
     def of(cls, path: str, body: dict[str, Any], text: str, seq: int, created: int) -> Reply:
         tools = body.get("mock_tool_calls")
+        script = body.get("mock_tool_script")
+        if isinstance(script, list):
+            turn = _turn(body.get("messages"))
+            tools = script[turn] if turn < len(script) else None
         refusal = body.get("mock_refusal")
         n = body.get("n")
         return cls(
@@ -73,6 +80,13 @@ class Reply:
     def texts(self) -> list[str]:
         """The text of each choice (choice 0 the reply, the others marked with their index)."""
         return [self.text if i == 0 else f"{self.text} [{i}]" for i in range(self.n)]
+
+
+def _turn(messages: Any) -> int:
+    """How many assistant messages a chat conversation holds: its turn."""
+    if not isinstance(messages, list):
+        return 0
+    return sum(1 for m in messages if isinstance(m, dict) and m.get("role") == "assistant")
 
 
 def pieces(text: str) -> list[str]:

@@ -30,7 +30,7 @@ import threading
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self
 
 from aiohttp import web
 
@@ -224,7 +224,12 @@ class MockUpstream:
         assert self.app is not None
         return self.app[STATE_KEY]
 
-    def start(self) -> MockUpstream:
+    def _build(self) -> web.Application:
+        """The app this server runs (the mock tool server, ``testing/mock_tools.py``, runs
+        its own in the same kind of thread)."""
+        return build_app(self.config)
+
+    def start(self) -> Self:
         self._thread = threading.Thread(target=self._run, name="mock-upstream", daemon=True)
         self._thread.start()
         if not self._ready.wait(10) or self._error is not None:
@@ -242,7 +247,7 @@ class MockUpstream:
         loop = asyncio.new_event_loop()
         self._loop = loop
         asyncio.set_event_loop(loop)
-        self.app = build_app(self.config)
+        self.app = self._build()
         runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None)
         loop.run_until_complete(runner.setup())
         site = web.TCPSite(runner, self.host, self.port, backlog=4096)
@@ -260,7 +265,7 @@ class MockUpstream:
         if self._thread is not None:
             self._thread.join(10)
 
-    def __enter__(self) -> MockUpstream:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .toolconfig import ToolConfig, parse_tools
+
 ENV_PREFIX = "FUSILLADE_"
 DEFAULT_DATABASE_URL = "sqlite:///fusillade.sqlite3"
 MEMORY_BROKER = "memory://localhost/"
@@ -337,6 +339,16 @@ class Settings:
     stream_total_timeout_ms: int = _env(
         _positive, 600000, "streamed call: longest time for the whole stream"
     )
+    tools: ToolConfig = _env(
+        parse_tools, ToolConfig(), "server-side tools of the /v1/responses loop: JSON or @file"
+    )
+    responses_max_iterations: int = _env(
+        _positive, 10, "/v1/responses loop: most model calls per level (agent)"
+    )
+    responses_max_depth: int = _env(_positive, 8, "/v1/responses loop: most nested agent levels")
+    responses_tool_concurrency: int = _env(
+        _positive, 4, "/v1/responses loop: sibling tool calls run at once"
+    )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -406,6 +418,8 @@ def shown_value(name: str, value: Any) -> str:
             f"{m}={redact_url(r.url)}" + ("" if r.stream is None else f" stream={r.stream}")
             for m, r in sorted(value.items())
         )
+    if name == "tools":
+        return str(value.describe())
     if name == "escalations":
         return ",".join(f"{m}={e.model}:{e.threshold_s}" for m, e in sorted(value.items()))
     if isinstance(value, dict):

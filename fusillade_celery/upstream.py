@@ -54,6 +54,8 @@ class Outcome:
     body: str | None = None
     detail: str = ""
     request_id: str | None = None
+    #: Why, within ``kind``, when a kind has several causes (``response_loop_failed``).
+    reason: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -66,6 +68,8 @@ class Outcome:
         }
         if self.status is not None:
             err["status"] = self.status
+        if self.reason is not None:
+            err["reason"] = self.reason
         return err
 
 
@@ -269,6 +273,14 @@ def escalated_body(item: WorkItem) -> str:
     body = json.loads(item.body)
     body["model"] = item.routed_model
     return json.dumps(body, ensure_ascii=False, separators=(",", ":"))
+
+
+def proxies_for(url: str) -> dict[str, str]:
+    """The proxies this process sends a request to ``url`` through (none unless the
+    environment named some when the session was built): for calls made beside ``attempt``,
+    such as the ``/v1/responses`` loop's tool calls."""
+    egress = _egress
+    return NO_PROXIES if not egress.proxies else egress.proxies_for(url)
 
 
 def classify_status(status: int, settings: Settings) -> ErrorKind | None:

@@ -148,7 +148,11 @@ def table(settings: Settings) -> Mapping[str, RequestProcessor]:
         loaded = _loaded.get(key)
         if loaded is None:
             loaded = _loaded[key] = {path: _build(path, spec, settings) for path, spec in key}
-        merged = {**_registered, **loaded}
+        from .responses_loop import PATH, RESPONSES_LOOP
+
+        # Built in: the /v1/responses loop (a single call for models without server-side
+        # tools); an application's own processor for the path wins.
+        merged = {PATH: RESPONSES_LOOP, **_registered, **loaded}
         _tables[key] = merged
         return merged
 

@@ -28,6 +28,7 @@ from .errors import ModelError
 from .maintenance import MaintenanceStore
 from .metrics import ClusterGauges, MetricsStore
 from .overview import BatchProgress, ModelOverview, OverviewStore
+from .steps import NewStep, Step, StepStore
 from .submit import SubmitStore
 from .workers import WorkerStore
 
@@ -41,11 +42,12 @@ class Store(
     ConfigStore,
     MetricsStore,
     OverviewStore,
+    StepStore,
 ):
     """The state of record, behind one interface. Works on PostgreSQL and on SQLite. Its
     methods live in one module per concern (``claims``, ``batches``, ``maintenance``,
-    ``workers``, ``submit``, ``config``, ``metrics``, ``errors`` and ``overview``); the hot
-    statements in ``statements``."""
+    ``workers``, ``submit``, ``config``, ``metrics``, ``errors``, ``overview`` and
+    ``steps``); the hot statements in ``statements``."""
 
 
 __all__ = [
@@ -56,7 +58,9 @@ __all__ = [
     "HandOff",
     "ModelError",
     "ModelOverview",
+    "NewStep",
     "NotFound",
+    "Step",
     "Store",
     "StoreBase",
     "StoredConfig",
