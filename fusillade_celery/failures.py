@@ -155,10 +155,11 @@ class FailureLog:
 FAILURES = FailureLog()
 
 
-def worker_logging() -> None:
-    """Let the failure lines through a worker left at Celery's default ``--loglevel``
-    (WARNING): they are how an operator learns that an upstream fails, and come at most once
-    per model every ``LOG_EVERY_S``. ``-l error`` (or a logging configuration that sets this
-    logger's level) still silences them."""
-    if log.level == logging.NOTSET and log.getEffectiveLevel() == logging.WARNING:
-        log.setLevel(logging.INFO)
+def worker_logging(*loggers: logging.Logger) -> None:
+    """Let the failure lines (and the other ``loggers``: the status line) through a worker
+    left at Celery's default ``--loglevel`` (WARNING): they are how an operator learns that an
+    upstream fails, and come at most once per model every ``LOG_EVERY_S``. ``-l error`` (or a
+    logging configuration that sets a logger's level) still silences them."""
+    for logger in (log, *loggers):
+        if logger.level == logging.NOTSET and logger.getEffectiveLevel() == logging.WARNING:
+            logger.setLevel(logging.INFO)

@@ -96,6 +96,8 @@ if MULTIPROCESS_DIR is not None and not getattr(values.ValueClass, "_multiproces
     values.ValueClass = values.MultiProcessValue()
 
 log = logging.getLogger(__name__)
+#: The status line's own logger, shown at a worker's default level (``failures.worker_logging``).
+status_log = logging.getLogger(__name__ + ".status")
 P = ParamSpec("P")
 R = TypeVar("R")
 
@@ -403,6 +405,6 @@ class StatusLog:
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
             try:
-                log.info("%s", self.line())
+                status_log.info("%s", self.line())
             except Exception as exc:  # noqa: BLE001 - a status line is not worth the worker
                 log.warning("status line failed: %s", exc)

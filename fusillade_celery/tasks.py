@@ -15,7 +15,7 @@ from typing import Any
 
 from celery import Task, signals
 
-from . import claimer, execute, failures, live, maintenance, upstream
+from . import claimer, execute, failures, live, maintenance, metrics, upstream
 from . import control as _control  # noqa: F401  (registers the cancel broadcast command)
 from .app import app, get_settings, get_store
 from .cancel_watch import get_watch
@@ -50,7 +50,7 @@ def _stop_hand_offs(**_: Any) -> None:
 
 @signals.after_setup_logger.connect
 def _show_failures(**_: Any) -> None:
-    failures.worker_logging()
+    failures.worker_logging(metrics.status_log)
 
 
 @signals.celeryd_init.connect

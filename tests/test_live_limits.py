@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from fusillade_celery import claimer, limits, live
+from fusillade_celery import claimer, cli, limits, live
 from fusillade_celery.embedded import TICK_S
 from fusillade_celery.limits import LimitError
 from fusillade_celery.mock_upstream import MockConfig, MockUpstream
@@ -105,33 +105,45 @@ def run_cli(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.Compl
     )
 
 
-def test_the_commands_set_show_and_refuse_with_one_line(tmp_path: Path) -> None:
+def test_the_commands_set_show_and_refuse_with_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """In this process (``cli.main``) but for the refusal, which runs as the real command
+    (its exit status and its one line are what a user meets)."""
     import os
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FUSILLADE_")}
-    env["FUSILLADE_DATABASE_URL"] = f"sqlite:///{tmp_path / 'live.sqlite3'}"
-    env["FUSILLADE_MODEL_LIMITS"] = "small=4"
-    out = run_cli(["limits", "set", "gpt-4=16", "small=2"], env, tmp_path)
-    assert out.returncode == 0, out.stderr
-    rows = json.loads(run_cli(["limits", "--json"], env, tmp_path).stdout)
+    for name in [k for k in os.environ if k.startswith("FUSILLADE_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("FUSILLADE_DATABASE_URL", f"sqlite:///{tmp_path / 'live.sqlite3'}")
+    monkeypatch.setenv("FUSILLADE_MODEL_LIMITS", "small=4")
+
+    def run(*args: str) -> str:
+        assert cli.main(list(args)) == 0
+        return capsys.readouterr().out
+
+    run("limits", "set", "gpt-4=16", "small=2")
+    rows = json.loads(run("limits", "--json"))
     assert [(r["model"], r["limit"], r["source"]) for r in rows] == [
         ("gpt-4", 16, "set"),
         ("small", 2, "set"),
     ]
-    bad = run_cli(["limits", "set", "gpt-4=8", "small=-3"], env, tmp_path)
+    bad = run_cli(["limits", "set", "gpt-4=8", "small=-3"], dict(os.environ), tmp_path)
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines() == [
         "fusillade-celery: error: limits: 'small=-3': a limit is a whole number >= 0 "
         "(0 pauses the model); nothing was changed"
     ]
-    assert run_cli(["limits", "unset", "small"], env, tmp_path).returncode == 0
-    shown = run_cli(["limits"], env, tmp_path).stdout.splitlines()
+    run("limits", "unset", "small")
+    shown = run("limits").splitlines()
     assert shown[0].split()[:3] == ["MODEL", "LIMIT", "FROM"]
     assert [ln.split()[:3] for ln in shown[1:]] == [["gpt-4", "16", "set"], ["small", "4", "env"]]
-    out = run_cli(["escalations", "set", "gpt-4=gpt-4-urgent:600"], env, tmp_path)
-    assert out.stdout.splitlines()[1].split() == ["gpt-4", "gpt-4-urgent", "600", "set"]
-    bad = run_cli(["escalations", "set", "gpt-4=x:-1"], env, tmp_path)
-    assert bad.returncode == 2 and "nothing was changed" in bad.stderr
+    out = run("escalations", "set", "gpt-4=gpt-4-urgent:600")
+    assert out.splitlines()[1].split() == ["gpt-4", "gpt-4-urgent", "600", "set"]
+    assert cli.main(["escalations", "set", "gpt-4=x:-1"]) == 2
+    assert "nothing was changed" in capsys.readouterr().err
+    assert limits.escalations_table(Client(Settings.from_env())) == [
+        {"model": "gpt-4", "escalation_model": "gpt-4-urgent", "threshold_s": 600, "source": "set"}
+    ]
 
 
 def test_an_embedded_run_follows_limits_set_while_it_runs(tmp_path: Path) -> None:
