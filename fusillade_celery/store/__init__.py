@@ -24,6 +24,8 @@ from .base import (
 from .batches import BatchStore
 from .claims import ClaimStore
 from .config import ConfigStore, StoredConfig
+from .files import FileStore
+from .keys import KeyStore
 from .maintenance import MaintenanceStore
 from .metrics import ClusterGauges, MetricsStore
 from .submit import SubmitStore
@@ -31,11 +33,20 @@ from .workers import WorkerStore
 
 
 class Store(
-    SubmitStore, ClaimStore, BatchStore, MaintenanceStore, WorkerStore, ConfigStore, MetricsStore
+    SubmitStore,
+    ClaimStore,
+    BatchStore,
+    MaintenanceStore,
+    WorkerStore,
+    ConfigStore,
+    MetricsStore,
+    FileStore,
+    KeyStore,
 ):
     """The state of record, behind one interface. Works on PostgreSQL and on SQLite. Its
     methods live in one module per concern (``claims``, ``batches``, ``maintenance``,
-    ``workers``, ``submit``, ``config``, ``metrics``); the hot statements in ``statements``."""
+    ``workers``, ``submit``, ``config``, ``metrics``, ``files``, ``keys``); the hot
+    statements in ``statements``."""
 
 
 __all__ = [
