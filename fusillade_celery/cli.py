@@ -403,10 +403,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_settings)
 
-    from . import exporter, limits  # each group of operator commands registers its own
+    from . import exporter, keys, limits  # each group of operator commands registers its own
+    from .api import serve
 
     limits.register(sub)
     exporter.register(sub)
+    keys.register(sub)
+    serve.register(sub)
     return parser
 
 

@@ -10,6 +10,7 @@ import math
 import os
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -89,7 +90,9 @@ def template_row(file_id: str, line: ParsedLine) -> dict[str, Any]:
     }
 
 
-def open_source(source: Source, name: str | None = None) -> tuple[str, Any, Hashing | None]:
+def open_source(
+    source: Source | ByteLines, name: str | None = None
+) -> tuple[str, Any, Hashing | None]:
     """(file name, stream for the parser, hasher or None for dict iterables)."""
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
@@ -115,6 +118,15 @@ class _Lines:
     def __iter__(self) -> Iterator[bytes]:
         with self.path.open("rb") as fh:
             yield from fh
+
+
+@dataclass(frozen=True)
+class UploadDetails:
+    """What an upload's caller learns only once the file is read (a multipart body may send
+    the file's name and its expiry after the file): ``upload_file``'s ``finish``."""
+
+    name: str | None = None
+    expires_at: float | None = None
 
 
 def result_file_rows(batch_id: str, owner: str | None, now: float) -> list[dict[str, Any]]:

@@ -18,6 +18,7 @@ from .db import get_engine
 from .intake import (
     CHUNK,
     Hashing,
+    UploadDetails,
     batch_upstream,
     check_metadata,
     deadline,
@@ -33,7 +34,7 @@ from .queues import queue_for_model
 from .settings import Settings, parse_duration_s, redact_url, upstream_allowed
 from .states import TERMINAL_BATCH, BatchStatus, RequestState
 from .store import NotFound, Store
-from .validation import InputError, Limits, ParsedLine, Source, parse_lines
+from .validation import ByteLines, InputError, Limits, ParsedLine, Source, parse_lines
 
 log = logging.getLogger(__name__)
 #: The longest batch upstream URL stored (``batches.upstream_url``).
@@ -139,17 +140,17 @@ class Client:
 
     def upload_file(
         self,
-        source: Source,
+        source: Source | ByteLines,
         *,
         name: str | None = None,
         owner: str | None = None,
-        finish: Callable[[], float | None] | None = None,
+        finish: Callable[[], UploadDetails] | None = None,
     ) -> dict[str, Any]:
         """Validate and store a JSONL file of requests on its own (OpenAI's first step:
         upload, then ``create_batch``); returns its File object. Validation is
         ``submit_batch``'s, line by line as the file is read; a refused file stores nothing.
         ``finish()``, called once the whole file is read and before it is kept, may refuse
-        it (raise) or return its expiry time (None: it does not expire)."""
+        it (raise) or give its name and expiry."""
         file_name, stream, hasher = open_source(source, name)
         file_id = new_file_id()
         models: dict[str, int] = {}
@@ -165,7 +166,10 @@ class Client:
         def make_file() -> dict[str, Any]:
             summary = _file_summary(hasher, state, models)
             if finish is not None:
-                summary["expires_at"] = finish()
+                details = finish()
+                summary["expires_at"] = details.expires_at
+                if details.name:
+                    summary["name"] = details.name[:512]
             return summary
 
         chunks = self._template_chunks(stream, None, file_id, models, state, None)

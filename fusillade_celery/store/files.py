@@ -10,15 +10,17 @@ from sqlalchemy import (
     ColumnElement,
     and_,
     delete,
+    func,
     insert,
     literal,
     or_,
     select,
+    true,
     update,
 )
 
 from .. import schema as t
-from .base import NotFound, S, StoreBase, _on_disconnect_retry
+from .base import _IN_FLIGHT, NotFound, S, StoreBase, _on_disconnect_retry
 from .submit import SubmitStore, _read_ahead
 
 
@@ -30,6 +32,10 @@ def _visible(table: Any, owner: str | None, now: float | None = None) -> ColumnE
     if now is not None and "expires_at" in table.c and table is t.files:
         terms.append(or_(table.c.expires_at.is_(None), table.c.expires_at > now))
     return and_(*terms)
+
+
+def _owned(table: Any, owner: str | None) -> ColumnElement[bool]:
+    return true() if owner is None else table.c.owner == owner
 
 
 def _after(table: Any, cursor: dict[str, Any], newest_first: bool) -> ColumnElement[bool]:
@@ -151,7 +157,9 @@ class FileStore(StoreBase):
             query = query.where(f.c.purpose == purpose)
         with self._tx() as conn:
             if after is not None:
-                cursor = conn.execute(select(f.c.created_at, f.c.id).where(f.c.id == after)).first()
+                cursor = conn.execute(
+                    select(f.c.created_at, f.c.id).where(f.c.id == after, _owned(f, owner))
+                ).first()
                 if cursor is None:
                     raise NotFound(f"no file {after!r}")
                 query = query.where(_after(f, dict(cursor._mapping), newest_first))
@@ -168,7 +176,9 @@ class FileStore(StoreBase):
         query = select(b).where(_visible(b, owner))
         with self._tx() as conn:
             if after is not None:
-                cursor = conn.execute(select(b.c.created_at, b.c.id).where(b.c.id == after)).first()
+                cursor = conn.execute(
+                    select(b.c.created_at, b.c.id).where(b.c.id == after, _owned(b, owner))
+                ).first()
                 if cursor is None:
                     raise NotFound(f"no batch {after!r}")
                 query = query.where(_after(b, dict(cursor._mapping), True))
@@ -176,3 +186,19 @@ class FileStore(StoreBase):
                 query.order_by(b.c.created_at.desc(), b.c.id).limit(limit)
             ).mappings()
             return [dict(m) for m in rows]
+
+    @_on_disconnect_retry
+    def in_flight_by_model(self, batch_ids: list[str]) -> dict[str, int]:
+        """Requests of these batches in flight (claimed, processing, retrying), per routed
+        model: what the page shows beside each model's limit. Index-bound per batch."""
+        r = t.requests
+        if not batch_ids:
+            return {}
+        model = func.coalesce(r.c.routed_model, r.c.model)
+        with self._tx() as conn:
+            rows = conn.execute(
+                select(model, func.count())
+                .where(r.c.batch_id.in_(batch_ids), r.c.state.in_(_IN_FLIGHT))
+                .group_by(model)
+            ).all()
+        return {str(m): int(n) for m, n in rows}
