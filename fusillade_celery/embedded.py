@@ -234,6 +234,8 @@ def run_batch(
 #: Worker threads of an embedded server (``serve --concurrency``): its batches' models are
 #: not known when it starts; the model limits bound what runs at once.
 SERVER_CONCURRENCY = 256
+#: How long a stopping server waits for its running calls (``Background.stop``).
+SERVER_STOP_GRACE_S = 5.0
 
 
 class Background:
@@ -270,9 +272,12 @@ class Background:
             self._wake.wait(TICK_S)
             self._wake.clear()
 
-    def stop(self) -> None:
+    def stop(self, grace_s: float = SERVER_STOP_GRACE_S) -> None:
+        """Stop claiming; let running calls finish and be written for up to ``grace_s``. A
+        thread cannot be interrupted, so calls still running then are left: their rows stay
+        in flight and go back to pending when a server starts on the file again."""
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
             self._thread.join(30)
-        self.engine.stop(wait=True)
+        self.engine.stop(wait=True, timeout=grace_s)

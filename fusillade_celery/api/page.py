@@ -87,8 +87,9 @@ def _batch_row(b: dict[str, Any]) -> str:
         f"<td class=counts><span class=completed>{counts['completed']}</span> / "
         f"<span class=total>{counts['total']}</span> completed, "
         f"<span class=failed-count>{counts['failed']}</span> failed</td>"
-        f"<td>{_when(b['created_at'])}<br><span class=muted>started "
-        f"{_when(b['in_progress_at'])}, ended {_when(finished)} UTC</span></td>"
+        f"<td class=times>{_when(b['created_at'])} UTC<br><span class=muted>"
+        f"started {_when(b['in_progress_at'])}"
+        f"{', ended ' + _when(finished) if finished else ''}</span></td>"
         f"<td>{links}</td></tr>"
     )
 
