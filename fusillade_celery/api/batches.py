@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from ..states import BatchStatus, batch_status
@@ -58,15 +59,16 @@ def list_batches(
         from .errors import ApiError
 
         raise ApiError(400, f"after: no batch {after!r}", param="after") from None
-    return page([api.batch_view(r) for r in rows[: limit + 1]], limit)
+    return page([api.batch_view(r) for r in rows], limit)
 
 
 @router.get("/batches/{batch_id}")
 def retrieve_batch(
     batch_id: str, request: Request, owner: str | None = Depends(api_owner)
-) -> dict[str, Any]:
+) -> JSONResponse:
+    """What pollers call: a JSONResponse, not a dict FastAPI would walk to encode."""
     api = api_of(request)
-    return api.batch_view(api.client.store.get_batch_row(batch_id, owner))
+    return JSONResponse(api.batch_view(api.client.store.get_batch_row(batch_id, owner)))
 
 
 @router.post("/batches/{batch_id}/cancel")

@@ -37,7 +37,7 @@ class BatchStore(StoreBase):
         where = [b.c.id == batch_id, b.c.deleted_at.is_(None)]
         if owner is not None:
             where.append(b.c.owner == owner)
-        with self._tx() as conn:
+        with self._one() as conn:  # one SELECT: no BEGIN/COMMIT round trips on PostgreSQL
             row = conn.execute(select(b).where(*where)).mappings().first()
         if row is None:
             raise NotFound(f"no batch {batch_id!r}")
@@ -47,7 +47,7 @@ class BatchStore(StoreBase):
     def request_counts(self, batch_id: str) -> dict[str, int]:
         """Requests of the batch per state (every state present, zero when none)."""
         r = t.requests
-        with self._tx() as conn:
+        with self._one() as conn:
             rows = conn.execute(
                 select(r.c.state, func.count()).where(r.c.batch_id == batch_id).group_by(r.c.state)
             ).all()
