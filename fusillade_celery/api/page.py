@@ -12,6 +12,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from starlette.concurrency import run_in_threadpool
 
 from .. import live
 from .auth import COOKIE, MAX_KEY_CHARS
@@ -97,7 +98,7 @@ def _batch_row(b: dict[str, Any]) -> str:
 def _live(api: Api, owner: str | None) -> str:
     """The part the script re-fetches: the model table and the batch table."""
     rows = api.client.store.list_batch_page(owner, SHOWN_BATCHES)
-    batches = [api.batch_view(r) for r in rows]
+    batches = [api.batch_view(r, POLL_MS / 1000.0) for r in rows]
     running = [b["id"] for b in batches if b["status"] not in _ENDED]
     flying = api.client.store.in_flight_by_model(running)
     config = live.current(api.client.store, api.client.settings)
@@ -167,7 +168,7 @@ async def login(request: Request) -> Response:
     api = api_of(request)
     form = await request.form(max_files=0, max_fields=4)
     key = str(form.get("key") or "").strip()
-    if api.auth.enabled and api.auth.owner_of_key(key) is None:
+    if api.auth.enabled and await run_in_threadpool(api.auth.owner_of_key, key) is None:
         return _login("incorrect or revoked API key", 401)
     reply = RedirectResponse("/", status_code=303)
     if api.auth.enabled:

@@ -14,7 +14,7 @@ from typing import Any
 
 import anyio
 from python_multipart.multipart import MultipartParser, parse_options_header
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from ..intake import UploadDetails
 from ..submit import Client
@@ -261,6 +261,9 @@ async def receive_file(request: Request, client: Client, owner: str | None) -> d
     async with anyio.create_task_group() as group:
         group.start_soon(pump)
         await anyio.to_thread.run_sync(store)
-    if "error" in outcome:
-        raise outcome["error"]
+    error = outcome.get("error")
+    if isinstance(error, ClientDisconnect):  # nobody to answer; nothing was stored
+        raise ApiError(400, "the client went away during the upload", param="file")
+    if error is not None:
+        raise error
     return dict(outcome["file"])
