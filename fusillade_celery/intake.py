@@ -6,6 +6,7 @@ the HTTP API)."""
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 import uuid
@@ -14,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .settings import parse_duration_s
+from .states import TERMINAL_BATCH, batch_status
 from .validation import ByteLines, InputError, ParsedLine, Source
 
 MAX_METADATA_PAIRS = 16
@@ -160,3 +163,32 @@ def deadline(now: float, window_s: int) -> float:
     object shows (an integer), never up to a second after it; rounded up, so the window is
     never shorter than the one asked for."""
     return float(math.ceil(now) + window_s)
+
+
+def finish_stamp(row: dict[str, Any]) -> tuple[Any, ...] | None:
+    """A finished batch's closing timestamps (None while it runs): its counts' cache key."""
+    if batch_status(row) not in TERMINAL_BATCH:
+        return None
+    return (row["completed_at"], row["failed_at"], row["expired_at"], row["cancelled_at"])
+
+
+def window_seconds(completion_window: str) -> int:
+    try:
+        return parse_duration_s(completion_window)
+    except ValueError as exc:
+        raise InputError(str(exc), field="completion_window") from None
+
+
+def file_summary(
+    hasher: Hashing | None, state: dict[str, Any], models: dict[str, int]
+) -> dict[str, Any]:
+    """The columns of an input file known once it is all read."""
+    summary: dict[str, Any] = {
+        "bytes": hasher.bytes if hasher else 0,
+        "endpoint": state["url"],
+        "models": json.dumps(sorted(models)),
+        "request_count": state["count"],
+    }
+    if hasher is not None:
+        summary["sha256"] = hasher.sha256.hexdigest()
+    return summary

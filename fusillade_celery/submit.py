@@ -17,21 +17,23 @@ from . import keyseal
 from .db import get_engine
 from .intake import (
     CHUNK,
-    Hashing,
     UploadDetails,
     batch_upstream,
     check_metadata,
     deadline,
+    file_summary,
+    finish_stamp,
     new_batch_id,
     new_file_id,
     open_source,
     result_file_rows,
     template_row,
+    window_seconds,
 )
 from .migrate import ensure_schema
 from .output import batch_object, batch_status, file_object, result_line
 from .queues import queue_for_model
-from .settings import Settings, parse_duration_s, redact_url, upstream_allowed
+from .settings import Settings, redact_url, upstream_allowed
 from .states import TERMINAL_BATCH, BatchStatus, RequestState
 from .store import NotFound, Store
 from .validation import ByteLines, InputError, Limits, ParsedLine, Source, parse_lines
@@ -77,7 +79,7 @@ class Client:
         ``source`` is a path, a binary or text file object, or an iterable of dict lines.
         ``upstream``/``api_key`` override the model routes of the settings for this batch.
         ``owner``: the API key name whose callers may see the batch (None: no key's)."""
-        window_s = _window_s(completion_window)
+        window_s = window_seconds(completion_window)
         meta = check_metadata(metadata)
         if upstream is not None and len(upstream) > MAX_UPSTREAM_URL:
             raise InputError(
@@ -122,7 +124,7 @@ class Client:
                 "models": json.dumps(sorted(models)),
                 "total_requests": state["count"],
             }
-            return batch_update, _file_summary(hasher, state, models)
+            return batch_update, file_summary(hasher, state, models)
 
         file_row = {
             "id": file_id,
@@ -166,7 +168,7 @@ class Client:
         }
 
         def make_file() -> dict[str, Any]:
-            summary = _file_summary(hasher, state, models)
+            summary = file_summary(hasher, state, models)
             if finish is not None:
                 details = finish()
                 summary["expires_at"] = details.expires_at
@@ -190,7 +192,7 @@ class Client:
     ) -> dict[str, Any]:
         """A batch of the requests of an uploaded file (``upload_file``); returns its Batch
         object. Several batches may be made from one file."""
-        window_s = _window_s(completion_window)
+        window_s = window_seconds(completion_window)
         meta = check_metadata(metadata)
         now = time.time()
         try:
@@ -239,7 +241,7 @@ class Client:
         if status not in (BatchStatus.COMPLETED, BatchStatus.FAILED, BatchStatus.EXPIRED):
             raise Conflict(f"batch {batch_id} is {status.value}: only a finished batch is retried")
         now = time.time()
-        expires_at = deadline(now, _window_s(row["completion_window"]))
+        expires_at = deadline(now, window_seconds(row["completion_window"]))
         if not self.store.retry_failed(batch_id, now, expires_at):
             raise Conflict(f"batch {batch_id} has no failed request to retry")
         log.info("batch %s: failed requests retried", batch_id)
@@ -347,7 +349,7 @@ class Client:
     def counts_of(self, row: dict[str, Any], counts_max_age_s: float = 0.0) -> dict[str, int]:
         """The request counts of a batch row, cached as ``get_batch`` says."""
         batch_id = row["id"]
-        stamp = _finish_stamp(row)
+        stamp = finish_stamp(row)
         cached = self._counts.get(batch_id)
         now = time.monotonic()
         if cached is not None and (
@@ -434,35 +436,6 @@ class Client:
 class Conflict(RuntimeError):
     """The batch is not in a state the change applies to (cancel or retry a finished or
     running batch): asking again will not help."""
-
-
-def _finish_stamp(row: dict[str, Any]) -> tuple[Any, ...] | None:
-    """A finished batch's closing timestamps (None while it runs): its counts' cache key."""
-    if batch_status(row) not in TERMINAL_BATCH:
-        return None
-    return (row["completed_at"], row["failed_at"], row["expired_at"], row["cancelled_at"])
-
-
-def _window_s(completion_window: str) -> int:
-    try:
-        return parse_duration_s(completion_window)
-    except ValueError as exc:
-        raise InputError(str(exc), field="completion_window") from None
-
-
-def _file_summary(
-    hasher: Hashing | None, state: dict[str, Any], models: dict[str, int]
-) -> dict[str, Any]:
-    """The columns of an input file known once it is all read."""
-    summary: dict[str, Any] = {
-        "bytes": hasher.bytes if hasher else 0,
-        "endpoint": state["url"],
-        "models": json.dumps(sorted(models)),
-        "request_count": state["count"],
-    }
-    if hasher is not None:
-        summary["sha256"] = hasher.sha256.hexdigest()
-    return summary
 
 
 _default: dict[str, Client] = {}

@@ -55,10 +55,10 @@ class Api:
         a retry ends it again). While it runs, summed again at most every USAGE_MAX_AGE_S,
         or USAGE_COST_FACTOR times what the last sum took (a million results take seconds),
         by one thread at a time: the others answer with the last sum meanwhile."""
-        from ..submit import _finish_stamp
+        from ..intake import finish_stamp
 
         batch_id = row["id"]
-        stamp = _finish_stamp(row)
+        stamp = finish_stamp(row)
         now = time.monotonic()
         with self._lock:
             hit = self._usage.get(batch_id)

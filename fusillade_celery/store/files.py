@@ -29,7 +29,7 @@ def _visible(table: Any, owner: str | None, now: float | None = None) -> ColumnE
     terms = [table.c.deleted_at.is_(None)]
     if owner is not None:
         terms.append(table.c.owner == owner)
-    if now is not None and "expires_at" in table.c and table is t.files:
+    if now is not None and table is t.files:
         terms.append(or_(table.c.expires_at.is_(None), table.c.expires_at > now))
     return and_(*terms)
 
