@@ -44,6 +44,11 @@ def server(tmp_path_factory: pytest.TempPathFactory, mock: MockUpstream) -> Iter
         [*CLI, "serve", "--port", "0"], env=env, capture_output=True, text=True
     )
     assert refused.returncode == 2 and "no API key in the database" in refused.stderr
+    exposed = subprocess.run(
+        [*CLI, "serve", "--port", "0", "--no-auth", "--host", "0.0.0.0"],
+        env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    assert exposed.returncode == 2 and "only on a loopback address" in exposed.stderr
     env["KEY_A"], env["KEY_B"] = make_key(env, "team-a"), make_key(env, "team-b")
     with serving(env, tmp / "serve.log") as s:
         yield s
@@ -197,7 +202,9 @@ def test_keys_keep_tenants_apart(server: Server, local: Client, tmp_path: Path) 
         [*CLI, "submit", str(src), "--owner", "team-b"],
         env=server.env, capture_output=True, text=True, check=True,
     ).stdout.strip()  # fmt: skip
-    assert b.batches.retrieve(submitted).id == submitted
+    by_cli = b.batches.retrieve(submitted)
+    assert by_cli.id == submitted and by_cli.output_file_id
+    assert b.files.retrieve(by_cli.output_file_id).purpose == "batch_output"
     with pytest.raises(openai.NotFoundError):
         a.batches.retrieve(submitted)
     c_key = make_key(server.env, "team-c")

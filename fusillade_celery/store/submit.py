@@ -115,7 +115,9 @@ class SubmitStore(StoreBase):
         )
         chunks = _read_ahead(template_chunks) if self.is_postgres else iter(template_chunks)
         with self._tx() as conn:
-            conn.execute(insert(t.files), [file_row, *result_files])
+            conn.execute(insert(t.files), [file_row])
+            if result_files:  # a separate statement: an executemany takes the first row's keys
+                conn.execute(insert(t.files), list(result_files))
             conn.execute(insert(t.batches), [batch_row])
             for chunk in chunks:
                 if not chunk:
