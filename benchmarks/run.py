@@ -10,7 +10,10 @@ Scenarios (issue 4's targets): ``instant`` (20,000 requests, instant upstream, d
 ``instant-queue`` (the same without slot hand-off: every request through claim and broker),
 ``latency`` (10,000 requests, 1 s upstream latency on the aiohttp mock, model limit 1,000; also
 the time from ``submit_batch`` returning to the first upstream call), ``latency-nginx`` (the
-same on nginx's ``echo_sleep``, when nginx has its echo module), ``embedded``
+same on nginx's ``echo_sleep``, when nginx has its echo module), ``instant-stream`` and
+``latency-stream`` (``instant`` and ``latency`` with every call streamed and reassembled:
+nginx sends a fixed event stream, in chunks with its echo module; the mock streams its
+replies), ``embedded``
 (``fusillade-celery run`` on SQLite), ``scale`` (submit 1,000,000 lines: time and peak RSS; the
 claim statement at 10,000 and 1,000,000 pending rows, timed in turns, with its plan;
 ``iter_results`` lines/s and RSS; the purge of a 10,000-line batch beside them), ``memory``
@@ -110,6 +113,32 @@ NGINX_REPLY = json.dumps(
 )
 
 
+#: NGINX_REPLY as a chat completion stream: role, two pieces of content, the finish, the
+#: usage (the worker asks for it) and [DONE]; reassembled, it is NGINX_REPLY.
+_CHUNK_HEAD = '"id":"chatcmpl-nginx","object":"chat.completion.chunk","created":0,"model":"bench"'
+NGINX_SSE_EVENTS = [
+    "{" + _CHUNK_HEAD + ',"choices":[{"index":0,"delta":{"role":"assistant","content":""},'
+    '"finish_reason":null}]}',
+    "{" + _CHUNK_HEAD + ',"choices":[{"index":0,"delta":{"content":"fixed"},'
+    '"finish_reason":null}]}',
+    "{" + _CHUNK_HEAD + ',"choices":[{"index":0,"delta":{"content":" reply"},'
+    '"finish_reason":null}]}',
+    "{" + _CHUNK_HEAD + ',"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}',
+    "{" + _CHUNK_HEAD + ',"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":7,'
+    '"total_tokens":12}}',
+    "[DONE]",
+]
+
+
+def _nginx_sse_answer() -> str:
+    """nginx directives answering with NGINX_SSE_EVENTS: one chunk per event (flushed), as
+    inference servers stream, when nginx has its echo module; else one fixed body."""
+    events = [f"data: {e}\\n\\n".replace("'", "\\'") for e in NGINX_SSE_EVENTS]
+    if not ECHO_MODULE.exists():
+        return f"return 200 '{''.join(events)}';"
+    return "echo_read_request_body; " + " echo_flush; ".join(f"echo -n '{e}';" for e in events)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -121,14 +150,17 @@ ECHO_MODULE = Path("/usr/lib/nginx/modules/ngx_http_echo_module.so")
 
 
 @contextmanager
-def nginx_upstream(latency_s: float = 0.0, call_log: Path | None = None) -> Iterator[str]:
+def nginx_upstream(
+    latency_s: float = 0.0, call_log: Path | None = None, sse: bool = False
+) -> Iterator[str]:
     """nginx returning a fixed completion (the issue's reference upstream): one C worker,
     so the upstream takes little of the two cores the pipeline is measured on. With
     ``latency_s``, each reply waits that long first (``echo_sleep``, needs ``ECHO_MODULE``):
     the aiohttp mock spends about a fifth of a core at 1,000 replies a second, CPU that a
     real upstream, on its own machines, does not take from the workers. With ``call_log``,
     nginx writes one line per call there (end time, duration, connection; complete once
-    the context has exited) for ``call_timeline``."""
+    the context has exited) for ``call_timeline``. With ``sse``, the reply is the same
+    completion as an event stream (``NGINX_SSE_EVENTS``)."""
     binary = nginx_binary()
     assert binary is not None, "nginx is not installed"
     assert not latency_s or ECHO_MODULE.exists(), "nginx's echo module is not installed"
@@ -137,8 +169,12 @@ def nginx_upstream(latency_s: float = 0.0, call_log: Path | None = None) -> Iter
     port = _free_port()
     user = "user root root;" if os.geteuid() == 0 else ""
     reply = NGINX_REPLY.replace("'", "\\'")
-    module, answer = "", f"return 200 '{reply}';"
-    if latency_s:
+    module, answer, content_type = "", f"return 200 '{reply}';", "application/json"
+    if sse:
+        assert not latency_s, "a streamed reply after a latency is the mock's (latency-stream)"
+        module = f"load_module {ECHO_MODULE};" if ECHO_MODULE.exists() else ""
+        answer, content_type = _nginx_sse_answer(), "text/event-stream"
+    elif latency_s:
         module = f"load_module {ECHO_MODULE};"
         # The reply after the sleep comes from ``return`` (an internal redirect), as the
         # instant upstream's does: with a Content-Length, as OpenAI-compatible servers send
@@ -166,7 +202,7 @@ http {{
   server {{
     listen 127.0.0.1:{port} backlog=4096;
     location / {{
-      default_type application/json;
+      default_type {content_type};
       {answer}
     }}
     location = /_reply {{
@@ -255,9 +291,12 @@ def instant_upstream(use_nginx: bool) -> Any:
     return nginx_upstream() if use_nginx else mock_upstream(0)
 
 
-def upstream_label(use_nginx: bool, latency_ms: float = 0) -> str:
+def upstream_label(use_nginx: bool, latency_ms: float = 0, stream: bool = False) -> str:
     if not use_nginx:
-        return "mock-upstream (aiohttp)"
+        return "mock-upstream (aiohttp)" + (", streamed" if stream else "")
+    if stream:
+        chunked = "one chunk per event" if ECHO_MODULE.exists() else "one body"
+        return f"nginx (fixed event stream, {chunked})"
     if latency_ms:
         return f"nginx (fixed reply after echo_sleep {latency_ms / 1000:g} s)"
     return "nginx (fixed reply)"
@@ -412,12 +451,16 @@ def run_distributed(
     concurrency: int,
     extra: dict[str, str] | None = None,
     use_nginx: bool = False,
+    stream: bool = False,
 ) -> dict[str, Any]:
-
+    """One distributed run; ``stream``: every call streamed (FUSILLADE_STREAM_ENDPOINTS) and
+    reassembled."""
+    if stream:
+        extra = {**(extra or {}), "FUSILLADE_STREAM_ENDPOINTS": "/v1/chat/completions"}
     with tempfile.TemporaryDirectory() as tmp:
         call_log = Path(tmp) / "calls.log" if use_nginx and latency_ms else None
         if use_nginx:
-            upstream_cm = nginx_upstream(latency_ms / 1000.0, call_log)
+            upstream_cm = nginx_upstream(latency_ms / 1000.0, call_log, sse=stream)
         else:
             upstream_cm = mock_upstream(latency_ms)
         with upstream_cm as url:
@@ -462,7 +505,7 @@ def run_distributed(
                 "concurrency": concurrency,
                 "limit": limit,
                 "worker_rss_mb": rss,
-                "upstream": upstream_label(use_nginx, latency_ms),
+                "upstream": upstream_label(use_nginx, latency_ms, stream),
             }
             if not use_nginx:
                 first = requests.get(url + "/_mock/stats", timeout=30).json().get("first_call_at")
@@ -693,8 +736,10 @@ def run_memory(first: int, total: int, workers: int, concurrency: int, use_nginx
 SCENARIOS = (
     "instant",
     "instant-queue",
+    "instant-stream",
     "latency",
     "latency-nginx",
+    "latency-stream",
     "embedded",
     "scale",
     "memory",
@@ -746,6 +791,27 @@ def main(argv: list[str] | None = None) -> int:
                 extra=extra,
                 use_nginx=use_nginx,
             )
+    # Streamed: the instant upstream sends a fixed event stream (nginx, else the mock), the
+    # latency one is the mock (it streams its reply after the latency).
+    if "instant-stream" in wanted:
+        result["instant-stream"] = run_distributed(
+            args.instant_requests,
+            0,
+            args.instant_limit,
+            args.workers,
+            args.concurrency,
+            use_nginx=use_nginx,
+            stream=True,
+        )
+    if "latency-stream" in wanted:
+        result["latency-stream"] = run_distributed(
+            args.latency_requests,
+            1000,
+            args.latency_limit,
+            args.workers,
+            max(args.concurrency, args.latency_limit),
+            stream=True,
+        )
     # latency on the aiohttp mock (it also reports the first call after submit) and, when
     # nginx has its echo module, on nginx (the same 1 s, without the mock's CPU). -c = the
     # limit on every worker: uneven delivery of the model's messages must not leave one

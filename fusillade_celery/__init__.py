@@ -3,7 +3,8 @@
 ``celery -A fusillade_celery worker -Q model.<name>`` finds :data:`app` here; applications
 enqueue work with :func:`submit_batch`, wait for it with :func:`wait_batch` and read it back
 with :func:`get_batch` and :func:`iter_results`; operators change limits and escalations
-while it runs with :func:`set_limits` and :func:`set_escalations`.
+while it runs with :func:`set_limits` and :func:`set_escalations`; a path gets a request
+processor of its own with :func:`register_processor` (``processors/``).
 """
 
 from . import tasks as _tasks  # noqa: E402,F401  (registers the tasks on the app)
@@ -16,6 +17,7 @@ from .limits import (
     unset_escalations,
     unset_limits,
 )
+from .processors import RequestProcessor, register_processor
 from .queues import queue_for_model
 from .settings import Settings
 from .store import NotFound
@@ -36,6 +38,7 @@ __all__ = [
     "Client",
     "InputError",
     "NotFound",
+    "RequestProcessor",
     "Settings",
     "app",
     "cancel_batch",
@@ -47,6 +50,7 @@ __all__ = [
     "iter_results",
     "limits_table",
     "queue_for_model",
+    "register_processor",
     "set_escalations",
     "set_limits",
     "submit_batch",

@@ -241,6 +241,14 @@ def _require_settings(role: str) -> None:
             "its workers and beat share (e.g. redis://host:6379/0). To process a file in one "
             "process with no servers, use `fusillade-celery run FILE`"
         )
+    if role == "worker":  # its processors are imported now, not at its first request
+        from . import processors
+
+        try:
+            processors.load(settings)
+        except ConfigError as exc:
+            _refuse(f"configuration: {exc}")
+            return
     for name in unknown_env_names():
         log.warning("unknown setting %s is ignored", name)
     if 2 * settings.heartbeat_interval_ms > settings.stale_worker_threshold_ms:
@@ -251,13 +259,18 @@ def _require_settings(role: str) -> None:
             settings.heartbeat_interval_ms,
             settings.stale_worker_threshold_ms,
         )
-    if settings.processing_timeout_ms < settings.timeout_ms:
-        log.warning(
-            "FUSILLADE_PROCESSING_TIMEOUT_MS (%d) is below FUSILLADE_TIMEOUT_MS (%d): a call "
-            "still running at the processing timeout is reaped and may be sent twice",
-            settings.processing_timeout_ms,
-            settings.timeout_ms,
-        )
+    for name, value in (
+        ("FUSILLADE_TIMEOUT_MS", settings.timeout_ms),
+        ("FUSILLADE_STREAM_TOTAL_TIMEOUT_MS", settings.stream_total_timeout_ms),
+    ):
+        if settings.processing_timeout_ms < value:
+            log.warning(
+                "FUSILLADE_PROCESSING_TIMEOUT_MS (%d) is below %s (%d): a call still running "
+                "at the processing timeout is reaped and may be sent twice",
+                settings.processing_timeout_ms,
+                name,
+                value,
+            )
 
 
 def _refuse(message: str) -> None:

@@ -142,7 +142,10 @@ class CancelWatch:
     ) -> T | Aborted:
         if batch_id in self.cancelled or batch_id in self.broadcast or self._lost(key, created):
             return Aborted(batch_id)
-        return fn()
+        try:
+            return fn()
+        except Aborted as aborted:  # the attempt saw the cancel itself (a processor's check)
+            return aborted
 
     def _lost(self, key: Hashable, created: float) -> bool:
         """Whether the row of this attempt (started at ``created``, monotonic) may have been

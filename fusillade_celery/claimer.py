@@ -22,9 +22,10 @@ from .store import Claimed, Store
 
 log = logging.getLogger(__name__)
 
-#: publish(routed_model, token, request_ids) -> None. One call per claim statement; the
-#: implementation splits it into messages and publishes them over one broker connection.
-Publish = Callable[[str, str, Sequence[int]], None]
+#: publish(routed_model, token, request_ids, batch_ids) -> None, with the batch of each
+#: request in order (for Flower). One call per claim statement; the implementation splits it
+#: into messages and publishes them over one broker connection.
+Publish = Callable[[str, str, Sequence[int], Sequence[str]], None]
 #: consumed(routed_model) -> whether a live worker consumes the model's queue.
 Consumed = Callable[[str], bool]
 
@@ -192,7 +193,7 @@ def _claim_into(
     metrics.count_claim(model, routed, limit, len(rows), time.perf_counter() - started)
     if not rows:
         return 0
-    publish(routed, token, [c.id for c in rows])
+    publish(routed, token, [c.id for c in rows], [c.batch_id for c in rows])
     log.debug("claimed %d of %s for queue of %s", len(rows), model, routed)
     return len(rows)
 

@@ -1,6 +1,6 @@
 """``fusillade-celery``: migrate, run, submit, status, list, results, cancel, delete, demo,
-mock-upstream, settings; the operator groups (limits, escalations, exporter, keys) and
-``serve`` register themselves from their own modules.
+mock-upstream, mock-tools, settings; the operator groups (limits, escalations, exporter,
+top, keys) and ``serve`` register themselves from their own modules.
 
 Every failure a user can cause (bad input, bad configuration, unknown batch, unreachable
 database) ends with one line on stderr and a non-zero exit, never a traceback.
@@ -25,6 +25,7 @@ from .follow import (
     file_sha256,
     follow,
     warn_unserved,
+    with_models,
     write_results,
 )
 from .settings import ConfigError, Settings, env_table, redact_url, unknown_env_names
@@ -153,6 +154,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     input_path = Path(args.input)
     if not input_path.is_file():
         raise CliError(f"no such file: {input_path}", EXIT_INPUT)
+    if settings.embedded:  # this process runs the requests: a bad processor, before submit
+        from . import processors
+
+        processors.load(settings)
     out, err = _default_paths(input_path, args.output, args.errors)
     api_key = _api_key(args, settings)
     client = _client(settings)
@@ -173,7 +178,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             owner=_owner(args),
         )
         print(f"submitted {batch_id}", file=sys.stderr)
-    bar = ProgressBar(batch_id, enabled=not args.quiet)
+    bar = ProgressBar(batch_id, enabled=not args.quiet, client=client)
     try:
         if settings.embedded:
             batch = _run_embedded(client, batch_id, bar, args.concurrency)
@@ -232,13 +237,13 @@ def cmd_submit(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     client = _client(_settings())
     if args.watch:
-        bar = ProgressBar(args.batch_id)
+        bar = ProgressBar(args.batch_id, client=client)
         batch = follow(client, args.batch_id, bar)
         bar.close()
     else:
         batch = client.get_batch(args.batch_id)
         warn_unserved(client, args.batch_id)
-    print(json.dumps(batch, indent=2))
+    print(json.dumps(with_models(client, batch), indent=2))
     return EXIT_OK
 
 
@@ -287,7 +292,7 @@ def cmd_delete(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    return run_demo(Path(args.out), args.requests, quiet=args.quiet)
+    return run_demo(Path(args.out), args.requests, quiet=args.quiet, tools=args.tools)
 
 
 def cmd_mock_upstream(args: argparse.Namespace) -> int:
@@ -303,6 +308,13 @@ def cmd_mock_upstream(args: argparse.Namespace) -> int:
         log_calls=not args.no_log,
     )
     serve(config, args.host, args.port)
+    return EXIT_OK
+
+
+def cmd_mock_tools(args: argparse.Namespace) -> int:
+    from .testing.mock_tools import serve_tools
+
+    serve_tools(args.host, args.port)
     return EXIT_OK
 
 
@@ -376,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metadata", action="append", metavar="KEY=VALUE", help="batch metadata")
     p.set_defaults(func=cmd_submit)
 
-    p = sub.add_parser("status", help="the Batch object as JSON")
+    p = sub.add_parser("status", help="the Batch object as JSON, with its models' last errors")
     p.add_argument("batch_id")
     p.add_argument("--watch", action="store_true", help="show progress until the batch ends")
     p.set_defaults(func=cmd_status)
@@ -403,6 +415,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--requests", type=int, default=1200, help="lines in the sample batch")
     p.add_argument("--out", default="demo-out", help="directory for the input and result files")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--tools",
+        action="store_true",
+        help="/v1/responses lines that run the tool loop (with the bundled mock tool server)",
+    )
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("mock-upstream", help="serve the OpenAI-compatible mock upstream")
@@ -417,16 +434,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-log", action="store_true", help="do not keep a call log (benchmarks)")
     p.set_defaults(func=cmd_mock_upstream)
 
+    p = sub.add_parser("mock-tools", help="serve the mock tool server of the /v1/responses loop")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8090, help="0 picks a free port (printed)")
+    p.set_defaults(func=cmd_mock_tools)
+
     p = sub.add_parser(
         "settings", help="every FUSILLADE_* env var with the value in effect (secrets masked)"
     )
     p.set_defaults(func=cmd_settings)
 
-    from . import exporter, keys, limits  # each group of operator commands registers its own
+    from . import exporter, keys, limits, top  # each group of operator commands registers its own
     from .api import serve
 
     limits.register(sub)
     exporter.register(sub)
+    top.register(sub)
     keys.register(sub)
     serve.register(sub)
     return parser
@@ -492,8 +515,8 @@ def entrypoint() -> None:
 
 
 if __name__ == "__main__":
-    # ``python -m fusillade_celery.cli``: run the imported module's copy, whose CliError is
-    # the one the command modules (keys, limits, serve) raise; this __main__ copy's is not.
+    # ``python -m``: run the package's module, not this ``__main__`` copy of it, so that the
+    # CliError raised by commands registered from other modules is the one main catches.
     from fusillade_celery.cli import entrypoint as _entrypoint
 
     _entrypoint()

@@ -2,7 +2,9 @@
 
 Starts the bundled mock upstream on 127.0.0.1, writes a sample JSONL of two models (a few lines
 asking the mock for transient and permanent failures, to show retries and the error file), and
-processes it on the embedded default with a progress bar.
+processes it on the embedded default with a progress bar. ``--tools``: ``/v1/responses`` lines
+whose model asks for server-side tools (the bundled mock tool server: an http tool, and an agent
+of its own model), so each line runs a real three-step loop.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 from .embedded import run_batch
 from .mock_upstream import MockConfig, MockUpstream
 from .settings import Settings
+from .toolconfig import ToolConfig, parse_tools
 
 MODELS = ("demo-small", "demo-large")
 
@@ -43,18 +46,76 @@ def sample_lines(n: int) -> list[dict[str, Any]]:
     return lines
 
 
-def run_demo(out_dir: Path, n: int, quiet: bool = False) -> int:
+def tool_lines(n: int) -> list[dict[str, Any]]:
+    """``/v1/responses`` lines for ``demo --tools``: the model asks for the weather (an http
+    tool), then for the summarizer (an agent), then answers: three model calls, one nested."""
+    script = [
+        [{"name": "get_weather", "arguments": {"city": "Paris"}}],
+        [{"name": "summarizer", "arguments": {"input": "Summarize the weather in Paris."}}],
+    ]
+    return [
+        {
+            "custom_id": f"tools-{i:05d}",
+            "method": "POST",
+            "url": "/v1/responses",
+            "body": {
+                "model": MODELS[i % 2],
+                "instructions": "Use the tools, then answer in one sentence.",
+                "input": f"What should I wear in Paris today? ({i})",
+                "mock_tool_script": script,
+            },
+        }
+        for i in range(n)
+    ]
+
+
+def demo_tools(tools_url: str) -> ToolConfig:
+    """The demo's ``FUSILLADE_TOOLS``: the mock tool server's weather tool and an agent."""
+    return parse_tools(
+        json.dumps(
+            [
+                {
+                    "name": "get_weather",
+                    "kind": "http",
+                    "url": f"{tools_url}/tools/get_weather",
+                    "description": "The weather in a city today",
+                    "parameters": {
+                        "type": "object",
+                        "properties": {"city": {"type": "string"}},
+                        "required": ["city"],
+                    },
+                    "idempotent": True,
+                },
+                {
+                    "name": "summarizer",
+                    "kind": "agent",
+                    "model": "demo-small",
+                    "instructions": "Summarize what you are given in one line.",
+                    "description": "Summarizes a text",
+                },
+            ]
+        )
+    )
+
+
+def run_demo(out_dir: Path, n: int, quiet: bool = False, tools: bool = False) -> int:
     from .app import configure
     from .follow import ProgressBar, write_jsonl
     from .submit import Client
+    from .testing.mock_tools import MockTools
 
     out_dir.mkdir(parents=True, exist_ok=True)
     input_path = out_dir / "requests.jsonl"
-    write_jsonl(input_path, iter(sample_lines(n)))
+    if tools:
+        n = min(n, 200)  # each line is three model calls and two tool calls
+    write_jsonl(input_path, iter(tool_lines(n) if tools else sample_lines(n)))
     db_path = out_dir / "demo.sqlite3"
     for stale in out_dir.glob("demo.sqlite3*"):
         stale.unlink()
-    with MockUpstream(MockConfig(latency_ms=20, jitter_ms=30, log_calls=False)) as mock:
+    with (
+        MockUpstream(MockConfig(latency_ms=20, jitter_ms=30, log_calls=False)) as mock,
+        MockTools() as tool_server,
+    ):
         settings = Settings.from_env().replace(
             database_url=f"sqlite:///{db_path}",
             broker_url="",
@@ -63,6 +124,7 @@ def run_demo(out_dir: Path, n: int, quiet: bool = False) -> int:
             routes={},
             model_limits={"demo-small": 24, "demo-large": 12},
             backoff_ms=200,
+            tools=demo_tools(tool_server.url) if tools else ToolConfig(),
         )
         configure(settings)
         client = Client(settings)
@@ -79,6 +141,7 @@ def run_demo(out_dir: Path, n: int, quiet: bool = False) -> int:
         n_out = write_jsonl(out, client.iter_results(batch_id))
         n_err = write_jsonl(err, client.iter_results(batch_id, errors=True))
         calls = mock.state.calls
+        tool_calls = tool_server.tools.calls
     counts = batch["request_counts"]
     print(
         json.dumps(
@@ -87,6 +150,7 @@ def run_demo(out_dir: Path, n: int, quiet: bool = False) -> int:
                 "status": batch["status"],
                 "request_counts": counts,
                 "upstream_calls": calls,
+                **({"tool_calls": tool_calls} if tools else {}),
                 "seconds": round(elapsed, 2),
                 "requests_per_second": round(counts["total"] / elapsed, 1),
                 "output_file": str(out),

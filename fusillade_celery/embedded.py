@@ -18,7 +18,7 @@ from typing import Any
 from celery import worker as celery_worker
 from celery.worker import state as worker_state
 
-from . import claimer, live, maintenance, upstream
+from . import claimer, live, maintenance, processors, upstream
 from .app import IN_PROCESS_WORKER, app, configure, reset_broker_connections
 from .live import LiveConfig
 from .queues import CONTROL_QUEUE, direct_queue, queue_for_model
@@ -144,6 +144,7 @@ class InProcess:
         self._last_reap = 0.0
 
     def start(self, models: list[str]) -> None:
+        processors.load(self.settings)  # a bad FUSILLADE_PROCESSORS: ConfigError before any run
         configure(embedded_settings(self.settings))
         # A fresh producer pool: the worker of an earlier run in this process closed its
         # pool when it stopped (a notebook, a script running two batches).

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import requests
 from sqlalchemy.exc import DBAPIError
 
-from . import live, metrics, upstream
+from . import failures, live, metrics, processors, upstream
 from .cancel_watch import Aborted, Attempts, CancelWatch, Job
 from .live import LiveConfig
 from .retry import retry_delay
@@ -43,8 +43,9 @@ log = logging.getLogger(__name__)
 #: latency (benchmark "instant", "latency").
 FLUSH_S = 0.05
 
-#: schedule_retry(token, request_ids, countdown_seconds): publish them again after the delay.
-ScheduleRetry = Callable[[str, list[int], float], None]
+#: schedule_retry(token, request_ids, countdown_seconds, batch_ids): publish them again after
+#: the delay (the batch ids go into the message for Flower).
+ScheduleRetry = Callable[[str, list[int], float, list[str]], None]
 
 
 @dataclass
@@ -62,6 +63,8 @@ class Report:
     #: Requests started in slots this message's write-backs freed (``HandOffPolicy``).
     handed_off: int = 0
     retries: dict[float, list[int]] = field(default_factory=dict)
+    #: Batches of every request it ran (handed-off ones too): the task's result in Flower.
+    batch_ids: set[str] = field(default_factory=set)
 
 
 @dataclass(frozen=True)
@@ -181,6 +184,7 @@ def _count_and_retry(
     wrote, so a stale result is not counted) and schedule its retries, grouped by token and
     delay. ``items`` holds each result's attempt by (id, token)."""
     retries: dict[tuple[str, float], list[int]] = {}
+    retry_batches: dict[tuple[str, float], set[str]] = {}  # named in the retry messages
     # Tallied here, counted once per chunk: a locked increment per request and metric cost
     # more than the dict updates.
     completed: dict[str, int] = {}
@@ -201,12 +205,14 @@ def _count_and_retry(
         else:
             assert f.not_before is not None
             report.retrying += 1
-            retries.setdefault((f.token, round(max(f.not_before - now, 0.0), 3)), []).append(f.id)
+            retry = (f.token, round(max(f.not_before - now, 0.0), 3))
+            retries.setdefault(retry, []).append(f.id)
+            retry_batches.setdefault(retry, set()).add(items[f.id, f.token].batch_id)
     metrics.count_written(completed, failed, retried, late)
     for (token, delay), retry_ids in retries.items():
         report.retries.setdefault(delay, []).extend(retry_ids)
         try:
-            schedule_retry(token, retry_ids, delay)
+            schedule_retry(token, retry_ids, delay, sorted(retry_batches[token, delay]))
         except Exception as exc:  # noqa: BLE001 - the broker may be away; the rows are safe
             # They are ``retrying`` in the database: the reaper takes them back to pending
             # once overdue by claim_timeout_ms, so nothing is lost, only delayed.
@@ -251,15 +257,17 @@ def execute(
     # Keyed by (id, token), not id: a row reaped while its attempt still runs here may be
     # handed back to this very message under a new token; both attempts are then its own.
     running: dict[Hashable, WorkItem] = {}
+    dispatch = processors.dispatcher(settings, watch)  # the processor of each request's path
 
     def jobs(new: Iterable[WorkItem]) -> list[Job[upstream.Outcome]]:
         out: list[Job[upstream.Outcome]] = []
         held: dict[str, int] = {}
         for item in new:
             running[item.id, item.token] = item
+            report.batch_ids.add(item.batch_id)
             held[item.routed_model] = held.get(item.routed_model, 0) + 1
             attempt = functools.partial(
-                metrics.timed, item.routed_model, upstream.attempt, session, item, settings
+                metrics.timed, item.routed_model, dispatch, session, item, settings
             )
             out.append(((item.id, item.token), item.batch_id, attempt))
         metrics.add_in_flight(held)
@@ -284,6 +292,8 @@ def execute(
                 finish = decide(item, outcome, finished_at, settings)
                 finishes.append(finish)
                 decided[key] = item
+                if not outcome.ok:  # counted in memory; a write or a line now and then
+                    failures.FAILURES.note(store, settings, item, outcome, finished_at)
                 if finish.state is not RequestState.RETRYING:
                     ended.append(item)
                     freeing += 1

@@ -17,6 +17,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from . import live
+from .follow import ago
 from .queues import queue_for_model
 from .settings import Escalation
 
@@ -180,7 +181,7 @@ def limits_table(client: Any | None = None) -> list[dict[str, Any]]:
                     for w in workers
                     if queue in w["queues"].split(",")
                 ],
-                "last_error": row.last_error_dict() if row and row.last_error else None,
+                "last_error": row.last_error_dict() if row else None,
             }
         )
     return out
@@ -219,9 +220,13 @@ def _print_limits(rows: list[dict[str, Any]]) -> None:
             f"{r['model']:<24} {r['limit']:>6} {r['source']:<8} {r['in_flight']:>9} "
             f"{r['pending']:>8} {r['retrying']:>8}  {consumers or 'none'}"
         )
-        if r["last_error"]:
-            e = r["last_error"]
-            print(f"{'':<24} last error: {e['summary']}")
+        e = r["last_error"]
+        if e:
+            status = f" {e['status_code']}" if e["status_code"] is not None else ""
+            print(
+                f"{'':<24} last error {ago(time.time() - e['at'])} ago at "
+                f"{e['host'] or '(no upstream)'}: {e['kind']}{status}: {e['message']}"
+            )
 
 
 def _print_escalations(rows: list[dict[str, Any]]) -> None:

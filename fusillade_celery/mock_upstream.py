@@ -8,7 +8,12 @@ latency-bound inference server does. Behaviour is set globally by flags, or per 
   (the last one repeats);
 * ``mock_reset: n`` - the first n calls for this custom_id are answered by closing the socket;
 * ``mock_stall_ms: t`` - the first call for this custom_id waits t ms before answering;
-* ``mock_latency_ms: t`` - every call for this custom_id takes t ms.
+* ``mock_latency_ms: t`` - every call for this custom_id takes t ms (before its first byte);
+* ``"stream": true`` - the reply is streamed as Server-Sent Events, in the format of the path
+  (chat, text completion, responses), with the stream faults of ``mock_stream.py``.
+
+Replies are deterministic: the same request gets the same text, ids numbered by the mock's
+call sequence, and ``created`` the time the mock started.
 
 ``GET /_mock/stats`` reports calls, per-model peak concurrency, and (unless ``--no-log`` or
 ``?log=0``) a log of calls with their timing and the ``x-fusillade-*`` / ``authorization``
@@ -25,9 +30,11 @@ import threading
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self
 
 from aiohttp import web
+
+from . import mock_stream
 
 LOGGED_HEADER_PREFIXES = ("x-fusillade-", "authorization")
 
@@ -47,6 +54,7 @@ class MockConfig:
 class MockState:
     def __init__(self, config: MockConfig):
         self.config = config
+        self.created = int(time.time())
         self.reset()
 
     def reset(self) -> None:
@@ -74,8 +82,7 @@ class MockState:
 STATE_KEY: web.AppKey[MockState] = web.AppKey("state")
 
 
-def _response_body(path: str, model: str, custom_id: str, call: int, seq: int) -> dict[str, Any]:
-    now = int(time.time())
+def _response_body(path: str, model: str, reply: mock_stream.Reply) -> dict[str, Any]:
     if path.endswith("/embeddings"):
         return {
             "object": "list",
@@ -83,20 +90,7 @@ def _response_body(path: str, model: str, custom_id: str, call: int, seq: int) -
             "model": model,
             "usage": {"prompt_tokens": 3, "total_tokens": 3},
         }
-    return {
-        "id": f"chatcmpl-mock-{seq}",
-        "object": "chat.completion",
-        "created": now,
-        "model": model,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": f"reply to {custom_id} (call {call})"},
-                "finish_reason": "stop",
-            }
-        ],
-        "usage": {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12},
-    }
+    return mock_stream.body(reply)
 
 
 def build_app(config: MockConfig) -> web.Application:
@@ -131,6 +125,9 @@ def build_app(config: MockConfig) -> web.Application:
             "start": time.time(),
             "path": request.path,
         }
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        if peer:
+            entry["port"] = peer[1]  # the client's: which calls shared a connection
         if config.log_calls and len(state.log) < config.max_log:
             entry["headers"] = {
                 k.lower(): v
@@ -161,17 +158,22 @@ def build_app(config: MockConfig) -> web.Application:
                 status = 200
             entry["status"] = status
             entry["outcome"] = "ok"
+            headers = {"x-request-id": f"mock-{seq}"}
             if status >= 400:
                 payload: dict[str, Any] = {
                     "error": {"message": f"mock error {status}", "type": "mock", "code": status}
                 }
-            else:
-                payload = _response_body(request.path, model, custom_id, call, seq)
-            return web.json_response(
-                payload, status=status, headers={"x-request-id": f"mock-{seq}"}
-            )
-        except asyncio.CancelledError:
-            if entry.get("outcome") != "reset":
+                return web.json_response(payload, status=status, headers=headers)
+            text = f"reply to {custom_id} (call {call})"
+            reply = mock_stream.Reply.of(request.path, body, text, seq, state.created)
+            if body.get("stream") is True and not body.get("mock_stream_json"):
+                entry["stream"] = True
+                faulty = call <= int(body.get("mock_stream_faults", 1) or 0)
+                return await mock_stream.stream(request, reply, body, faulty, entry, headers)
+            payload = _response_body(request.path, model, reply)
+            return web.json_response(payload, status=status, headers=headers)
+        except (asyncio.CancelledError, ConnectionResetError):
+            if entry.get("outcome") not in ("reset", "cut"):
                 entry["outcome"] = "disconnected"
                 state.disconnects += 1
             raise
@@ -222,7 +224,12 @@ class MockUpstream:
         assert self.app is not None
         return self.app[STATE_KEY]
 
-    def start(self) -> MockUpstream:
+    def _build(self) -> web.Application:
+        """The app this server runs (the mock tool server, ``testing/mock_tools.py``, runs
+        its own in the same kind of thread)."""
+        return build_app(self.config)
+
+    def start(self) -> Self:
         self._thread = threading.Thread(target=self._run, name="mock-upstream", daemon=True)
         self._thread.start()
         if not self._ready.wait(10) or self._error is not None:
@@ -240,7 +247,7 @@ class MockUpstream:
         loop = asyncio.new_event_loop()
         self._loop = loop
         asyncio.set_event_loop(loop)
-        self.app = build_app(self.config)
+        self.app = self._build()
         runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None)
         loop.run_until_complete(runner.setup())
         site = web.TCPSite(runner, self.host, self.port, backlog=4096)
@@ -258,7 +265,7 @@ class MockUpstream:
         if self._thread is not None:
             self._thread.join(10)
 
-    def __enter__(self) -> MockUpstream:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

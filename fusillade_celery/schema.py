@@ -208,6 +208,47 @@ model_escalations = Table(
     Column("updated_at", Float, nullable=False),
 )
 
+# The last upstream failure per model (``fusillade-celery status`` / ``top``): written by the
+# workers at most once per model every few seconds per process (``failures.FailureLog``), so
+# an unreachable upstream shows up without a query per request. One row per model, replaced.
+model_errors = Table(
+    "model_errors",
+    metadata,
+    Column("model", String(256), primary_key=True),  # the routed model
+    Column("kind", String(32), nullable=False),  # ErrorKind
+    Column("status_code", Integer),
+    Column("message", String(512), nullable=False),  # short; never a key, a body snippet at most
+    Column("host", String(512)),  # the upstream's host[:port], never its URL's credentials
+    Column("last_at", Float, nullable=False),
+    # Failures counted since the row was made (a rate-limited write adds the ones it stands for).
+    Column("error_count", BigInteger, nullable=False, server_default="0"),
+)
+
+# The ``/v1/responses`` loop's steps (``processors/responses_loop.py``): each model call and
+# tool call of a request is a row, so a retry or a reclaim resumes the chain where it stopped
+# instead of repeating calls (a non-idempotent tool is never called twice). No foreign key,
+# as for ``requests.template_id``: steps are deleted with their request (``purge_chunk``).
+response_steps = Table(
+    "response_steps",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("request_id", BigInteger, nullable=False),
+    # The agent tool call whose nested loop the step belongs to; NULL at the top level.
+    Column("parent_id", BigInteger),
+    Column("seq", Integer, nullable=False),  # order within its loop (its parent)
+    Column("kind", String(16), nullable=False),  # model_call | tool_call
+    Column("name", String(256)),  # the model, or the tool
+    Column("call_id", String(256)),  # a tool call's id, as the model gave it
+    Column("state", String(16), nullable=False),  # started | completed | failed
+    Column("attempts", Integer, nullable=False, server_default="1"),
+    Column("request", Text),  # JSON: the chat body sent; the tool call (name, arguments)
+    Column("response", Text),  # JSON: the model's reply; the tool call's output
+    Column("created_at", Float, nullable=False),
+    Column("started_at", Float, nullable=False),
+    Column("completed_at", Float),
+    Index("ix_response_steps_request", "request_id", "parent_id", "seq"),
+)
+
 # API keys (``fusillade-celery keys``): only a hash of each key is kept. A key acts for its
 # ``name``: the files and batches whose ``owner`` is that name (keys of one name share them,
 # so a key is rotated by creating a second one of the same name and revoking the first).

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .toolconfig import ToolConfig, parse_tools
+
 ENV_PREFIX = "FUSILLADE_"
 DEFAULT_DATABASE_URL = "sqlite:///fusillade.sqlite3"
 MEMORY_BROKER = "memory://localhost/"
@@ -28,13 +30,18 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class Route:
-    """Where requests for one model go: an OpenAI-compatible base URL and its key."""
+    """Where requests for one model go: an OpenAI-compatible base URL and its key; ``stream``
+    overrides ``FUSILLADE_STREAM_ENDPOINTS`` for this route (None: the endpoints decide)."""
 
     url: str
     api_key: str = ""
+    stream: bool | None = None
 
     def __repr__(self) -> str:  # keys never reach a log line through repr
-        return f"Route(url={self.url!r}, api_key={'***' if self.api_key else ''!r})"
+        return (
+            f"Route(url={self.url!r}, api_key={'***' if self.api_key else ''!r}, "
+            f"stream={self.stream!r})"
+        )
 
 
 @dataclass(frozen=True)
@@ -163,7 +170,8 @@ def _window(raw: str) -> str:
 
 
 def _routes(raw: str) -> dict[str, Route]:
-    """JSON ``{"model": {"url": ..., "api_key" | "api_key_env": ...}}``, or ``@path`` to one."""
+    """JSON ``{"model": {"url": ..., "api_key" | "api_key_env": ..., "stream": bool}}``, or
+    ``@path`` to one."""
     text = Path(raw[1:]).read_text() if raw.startswith("@") else raw
     data = json.loads(text)
     if not isinstance(data, dict):
@@ -179,8 +187,44 @@ def _routes(raw: str) -> dict[str, Route]:
             url = _http_url(spec["url"])
         except ValueError as exc:
             raise ValueError(f"route for {model!r}: {exc}") from None
-        routes[model] = Route(url=url, api_key=key)
+        stream = spec.get("stream")
+        if stream is not None and not isinstance(stream, bool):
+            raise ValueError(f"route for {model!r}: 'stream' must be true or false")
+        routes[model] = Route(url=url, api_key=key, stream=stream)
     return routes
+
+
+#: The paths whose replies can be streamed and reassembled (``sse.py``), by the suffix that
+#: names their format.
+STREAMABLE_SUFFIXES = ("/chat/completions", "/completions", "/responses")
+
+
+def _stream_endpoints(raw: str) -> frozenset[str]:
+    """``/v1/chat/completions,/v1/responses``: paths sent streamed. Only paths of a format the
+    reassembly knows: another would be stored as raw event text."""
+    paths = frozenset(_csv(raw))
+    bad = sorted(p for p in paths if not p.startswith("/") or not p.endswith(STREAMABLE_SUFFIXES))
+    if bad:
+        raise ValueError(
+            f"cannot stream {bad[0]!r}: expected paths ending in " + ", ".join(STREAMABLE_SUFFIXES)
+        )
+    return paths
+
+
+_PROCESSOR_SPEC = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
+
+
+def _processors(raw: str) -> dict[str, str]:
+    """``/v1/my/path=pkg.module:factory,...``: the request processor of each path, loaded
+    when a worker starts (``processors.load``); only the form is checked here."""
+    out = {}
+    for path, spec in _pairs(raw):
+        if not path.startswith("/") or any(c.isspace() for c in path):
+            raise ValueError(f"expected a path like /v1/my/path, got {path!r}")
+        if not _PROCESSOR_SPEC.fullmatch(spec):
+            raise ValueError(f"expected {path}=package.module:factory, got {path}={spec}")
+        out[path] = spec
+    return out
 
 
 def _escalations(raw: str) -> dict[str, Escalation]:
@@ -280,6 +324,31 @@ class Settings:
     status_log_interval_ms: int = _env(
         _int, 30000, "each worker logs in flight, completed and failed this often (0: never)"
     )
+    processors: dict[str, str] = _env(
+        _processors, {}, "request processors by path: /v1/my/path=pkg.module:factory,..."
+    )
+    stream_endpoints: frozenset[str] = _env(
+        _stream_endpoints, frozenset(), "paths sent streamed (SSE) and reassembled, csv"
+    )
+    stream_first_event_timeout_ms: int = _env(
+        _positive, 120000, "streamed call: longest wait for the first event"
+    )
+    stream_idle_timeout_ms: int = _env(
+        _positive, 60000, "streamed call: longest wait between two events"
+    )
+    stream_total_timeout_ms: int = _env(
+        _positive, 600000, "streamed call: longest time for the whole stream"
+    )
+    tools: ToolConfig = _env(
+        parse_tools, ToolConfig(), "server-side tools of the /v1/responses loop: JSON or @file"
+    )
+    responses_max_iterations: int = _env(
+        _positive, 10, "/v1/responses loop: most model calls per level (agent)"
+    )
+    responses_max_depth: int = _env(_positive, 8, "/v1/responses loop: most nested agent levels")
+    responses_tool_concurrency: int = _env(
+        _positive, 4, "/v1/responses loop: sibling tool calls run at once"
+    )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -345,13 +414,20 @@ def shown_value(name: str, value: Any) -> str:
     if name == "retry_statuses":
         return _compact_statuses(value)
     if name == "routes":
-        return ",".join(f"{m}={redact_url(r.url)}" for m, r in sorted(value.items()))
+        return ",".join(
+            f"{m}={redact_url(r.url)}" + ("" if r.stream is None else f" stream={r.stream}")
+            for m, r in sorted(value.items())
+        )
+    if name == "tools":
+        return str(value.describe())
     if name == "escalations":
         return ",".join(f"{m}={e.model}:{e.threshold_s}" for m, e in sorted(value.items()))
     if isinstance(value, dict):
         return ",".join(f"{k}={v}" for k, v in sorted(value.items()))
     if isinstance(value, tuple):
         return ",".join(value)
+    if isinstance(value, frozenset):
+        return ",".join(sorted(value))
     return str(value)
 
 

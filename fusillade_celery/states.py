@@ -59,6 +59,12 @@ class ErrorKind(enum.StrEnum):
     BUILDER_ERROR = "builder_error"
     BATCH_EXPIRED = "batch_expired"
     BATCH_CANCELLED = "batch_cancelled"
+    #: The ``/v1/responses`` loop gave up: a cap was reached or a reply could not be used
+    #: (the error's ``reason`` says which). Retrying would end the same way.
+    RESPONSE_LOOP_FAILED = "response_loop_failed"
+    #: A non-idempotent tool call was interrupted (its worker died mid-call): sending it
+    #: again could repeat its side effect, and its answer is lost.
+    STEP_ABANDONED = "step_abandoned"
 
     @property
     def retriable(self) -> bool:

@@ -32,6 +32,7 @@ from .intake import (
 )
 from .migrate import ensure_schema
 from .output import batch_object, batch_status, file_object, result_line
+from .processors import processor_paths
 from .queues import queue_for_model
 from .settings import Settings, redact_url, upstream_allowed
 from .states import TERMINAL_BATCH, BatchStatus, RequestState
@@ -262,7 +263,7 @@ class Client:
         collects their url and models into ``state`` and ``models`` on the way."""
         limits = Limits(self.settings.max_line_bytes, self.settings.max_file_bytes)
         chunk: list[dict[str, Any]] = []
-        for line in parse_lines(stream, limits, endpoint):
+        for line in parse_lines(stream, limits, endpoint, processor_paths(self.settings)):
             self._check_model(line, models, upstream)
             state["count"] += 1
             state["url"] = line.url

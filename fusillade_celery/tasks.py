@@ -1,7 +1,8 @@
 """Celery tasks: delivery semantics, retries and publishing; the logic is elsewhere.
 
 Messages carry ids and a claim token only, never a body or a key (invariant 8), so what Flower
-and the broker show is safe to show.
+and the broker show is safe to show. Execute messages name their batches too (the
+``batch_ids`` keyword), so a batch's tasks can be found in Flower.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 
 from celery import Task, signals
 
-from . import claimer, execute, live, maintenance, upstream
+from . import claimer, execute, failures, live, maintenance, upstream
 from . import control as _control  # noqa: F401  (registers the cancel broadcast command)
 from .app import app, get_settings, get_store
 from .cancel_watch import get_watch
@@ -47,6 +48,11 @@ def _stop_hand_offs(**_: Any) -> None:
     HAND_OFF["allowed"] = False
 
 
+@signals.after_setup_logger.connect
+def _show_failures(**_: Any) -> None:
+    failures.worker_logging()
+
+
 @signals.celeryd_init.connect
 def _size_http_pool(options: dict[str, Any] | None = None, **_: Any) -> None:
     """One kept-alive upstream connection per concurrent task of this worker (``-c``)."""
@@ -55,17 +61,26 @@ def _size_http_pool(options: dict[str, Any] | None = None, **_: Any) -> None:
         upstream.POOL_SIZE["size"] = max(int(concurrency), 1)
 
 
-def publish_execute(routed_model: str, token: str, ids: Sequence[int]) -> None:
+def publish_execute(
+    routed_model: str, token: str, ids: Sequence[int], batch_ids: Sequence[str] = ()
+) -> None:
     """Split a claim into messages (``claimer.MessageSizer``: sized to the queue's consumers)
-    and publish them over one producer (one broker connection) to ``model.<routed_model>``."""
+    and publish them over one producer (one broker connection) to ``model.<routed_model>``.
+    ``batch_ids`` (the batch of each id, in order) name each message's batches for Flower;
+    a keyword of their own, so the ids' repr (which Celery cuts at 1 KiB) cannot hide them."""
     settings = get_settings()
     name = queue_for_model(routed_model)
     queue = direct_queue(name)
     chunks = SIZER.split(get_store(), settings, name, ids)
+    batch_of = dict(zip(ids, batch_ids, strict=True)) if batch_ids else {}
     with app.producer_or_acquire() as producer:
         for chunk in chunks:
+            batches = sorted({batch_of[i] for i in chunk}) if batch_of else []
             execute_requests.apply_async(
-                args=(routed_model, token, chunk), queue=queue, producer=producer
+                args=(routed_model, token, chunk),
+                kwargs={"batch_ids": batches},
+                queue=queue,
+                producer=producer,
             )
 
 
@@ -93,19 +108,29 @@ def _refill(store: Store, settings: Settings, model: str, batch_ids: list[str]) 
     max_retries=None,
     ignore_result=True,
 )
-def execute_requests(self: Task, routed_model: str, token: str, ids: list[int]) -> dict[str, Any]:
+def execute_requests(
+    self: Task,
+    routed_model: str,
+    token: str,
+    ids: list[int],
+    batch_ids: list[str] | None = None,
+) -> dict[str, Any]:
     """Run the requests of one message. Retries go out as countdown messages (one per
-    distinct delay) on the same model queue with the same claim token."""
+    distinct delay) on the same model queue with the same claim token. ``batch_ids`` is for
+    Flower only (messages queued before it existed have none)."""
     settings = get_settings()
     store = get_store()
     wid = worker_id()
 
-    def schedule_retry(retry_token: str, retry_ids: list[int], delay: float) -> None:
+    def schedule_retry(
+        retry_token: str, retry_ids: list[int], delay: float, retry_batches: list[str]
+    ) -> None:
         # A countdown message on the same queue, same token, same task id (Flower shows one
         # task retried). Not ``self.retry``: in Celery 5.7 its re-published message was never
         # delivered in our tests, while the equivalent apply_async with countdown is.
         execute_requests.apply_async(
             args=(routed_model, retry_token, retry_ids),
+            kwargs={"batch_ids": retry_batches},
             countdown=delay,
             queue=direct_queue(queue_for_model(routed_model)),
             task_id=self.request.id,
@@ -152,6 +177,7 @@ def execute_requests(self: Task, routed_model: str, token: str, ids: list[int]) 
         "stale": report.stale,
         "aborted": report.aborted,
         "handed_off": report.handed_off,
+        "batch_ids": sorted(report.batch_ids),
     }
 
 

@@ -17,7 +17,7 @@ import time
 import urllib.parse
 from dataclasses import dataclass
 from http.cookiejar import DefaultCookiePolicy
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import requests
 from requests.adapters import HTTPAdapter
@@ -29,11 +29,14 @@ from requests.utils import (
     get_encoding_from_headers,
 )
 
-from . import keyseal
+from . import keyseal, sse
 from .egress import NO_PROXIES, Egress
 from .settings import Settings, redact_url, upstream_allowed
 from .states import ErrorKind
 from .store import WorkItem
+
+if TYPE_CHECKING:
+    from .processors.base import Cancellation
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +54,8 @@ class Outcome:
     body: str | None = None
     detail: str = ""
     request_id: str | None = None
+    #: Why, within ``kind``, when a kind has several causes (``response_loop_failed``).
+    reason: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -63,6 +68,8 @@ class Outcome:
         }
         if self.status is not None:
             err["status"] = self.status
+        if self.reason is not None:
+            err["reason"] = self.reason
         return err
 
 
@@ -233,9 +240,10 @@ class NotAllowed(ValueError):
     """A batch's own upstream is outside ``FUSILLADE_ALLOWED_UPSTREAMS`` of this worker."""
 
 
-def resolve(item: WorkItem, settings: Settings) -> tuple[str | None, str]:
-    """(base URL, key) for the item: the batch's own upstream wins; else the routed model's
-    route. A batch-level URL never receives a key from settings (it may be another host).
+def resolve(item: WorkItem, settings: Settings) -> tuple[str | None, str, bool | None]:
+    """(base URL, key, the route's ``stream``) for the item: the batch's own upstream wins;
+    else the routed model's route. A batch-level URL never receives a key from settings (it
+    may be another host), nor a route's stream flag.
 
     The worker checks a batch's own upstream against its own ``FUSILLADE_ALLOWED_UPSTREAMS``
     too: the submitter's environment may differ from the workers' (``NotAllowed``). A key
@@ -249,13 +257,13 @@ def resolve(item: WorkItem, settings: Settings) -> tuple[str | None, str]:
                 "FUSILLADE_ALLOWED_UPSTREAMS of this worker"
             )
         key = keyseal.unseal(item.api_key, settings.secret_key) if item.api_key else ""
-        return item.upstream_url.rstrip("/"), key or ""
+        return item.upstream_url.rstrip("/"), key or "", None
     route = settings.route_for(item.routed_model) or settings.route_for(item.model)
     if route is None:
-        return None, ""
+        return None, "", None
     if item.api_key:  # the batch's own key, for the model's route
-        return route.url, keyseal.unseal(item.api_key, settings.secret_key) or ""
-    return route.url, route.api_key
+        return route.url, keyseal.unseal(item.api_key, settings.secret_key) or "", route.stream
+    return route.url, route.api_key, route.stream
 
 
 def escalated_body(item: WorkItem) -> str:
@@ -267,6 +275,14 @@ def escalated_body(item: WorkItem) -> str:
     return json.dumps(body, ensure_ascii=False, separators=(",", ":"))
 
 
+def proxies_for(url: str) -> dict[str, str]:
+    """The proxies this process sends a request to ``url`` through (none unless the
+    environment named some when the session was built): for calls made beside ``attempt``,
+    such as the ``/v1/responses`` loop's tool calls."""
+    egress = _egress
+    return NO_PROXIES if not egress.proxies else egress.proxies_for(url)
+
+
 def classify_status(status: int, settings: Settings) -> ErrorKind | None:
     if status < 400:
         return None
@@ -275,8 +291,15 @@ def classify_status(status: int, settings: Settings) -> ErrorKind | None:
     return ErrorKind.NON_RETRIABLE_HTTP_STATUS
 
 
-def attempt(session: requests.Session, item: WorkItem, settings: Settings) -> Outcome:
+def attempt(
+    session: requests.Session,
+    item: WorkItem,
+    settings: Settings,
+    cancel: Cancellation | None = None,
+) -> Outcome:
     """Send one attempt and classify it (docs/architecture.md section 5 outcome table).
+    Streamed when the path, the route or the body asks (``sse.streams``), then reassembled
+    into the body a buffered call returns; ``cancel`` is checked between its reads.
 
     Nothing is sent at or after the batch's cutoff, ``expires_at`` minus
     ``stop_before_deadline``: a retry whose countdown ran late, or an attempt that waited for
@@ -284,7 +307,7 @@ def attempt(session: requests.Session, item: WorkItem, settings: Settings) -> Ou
     if time.time() >= item.deadline - settings.stop_before_deadline_ms / 1000.0:
         return Outcome(ErrorKind.BATCH_EXPIRED, detail="batch expired before this attempt started")
     try:
-        base, api_key = resolve(item, settings)
+        base, api_key, route_stream = resolve(item, settings)
     except (NotAllowed, keyseal.SealError) as exc:
         return Outcome(ErrorKind.BUILDER_ERROR, detail=str(exc))
     if base is None:
@@ -299,10 +322,24 @@ def attempt(session: requests.Session, item: WorkItem, settings: Settings) -> Ou
         # batch's model names, whatever queue and limit the escalation gave the request.
         escalated = item.routed_model != item.model and not item.upstream_url
         body = escalated_body(item) if escalated else item.body
+        streamed = sse.streams(item.url, body, route_stream, settings.stream_endpoints)
+        if streamed is not None:
+            body = sse.with_stream(body, item.url, streamed)
         prepared = prepare(base + item.url, build_headers(item, api_key, settings), body)
         proxies = NO_PROXIES if not egress.proxies else egress.proxies_for(base)
-        resp = session.send(prepared, timeout=(min(timeout, 30.0), timeout), proxies=proxies)
-        body = resp.text
+        if streamed:
+            sent = time.monotonic()
+            read_s = sse.first_event_s(settings)
+            resp = session.send(
+                prepared, timeout=(min(timeout, 30.0), read_s), proxies=proxies, stream=True
+            )
+            try:
+                body = sse.read(resp, item.url, settings, sent, cancel)
+            except sse.ErrorEvent as exc:
+                return _in_stream_error(exc, resp, settings)
+        else:
+            resp = session.send(prepared, timeout=(min(timeout, 30.0), timeout), proxies=proxies)
+            body = resp.text
     except requests.Timeout as exc:
         return Outcome(ErrorKind.TIMEOUT, detail=_short(exc, api_key))
     except (
@@ -330,6 +367,19 @@ def attempt(session: requests.Session, item: WorkItem, settings: Settings) -> Ou
         body,
         detail=f"HTTP {resp.status_code}: {body[:MAX_ERROR_BODY]}",
         request_id=request_id,
+    )
+
+
+def _in_stream_error(exc: sse.ErrorEvent, resp: requests.Response, settings: Settings) -> Outcome:
+    """An error object inside a 200 stream, classified by the status it stands for (one that
+    names no error status counts as 500)."""
+    status = exc.status if exc.status >= 400 else 500
+    return Outcome(
+        classify_status(status, settings) or ErrorKind.RETRIABLE_HTTP_STATUS,
+        status,
+        exc.body,
+        detail=f"HTTP {status} in the stream: {exc.body[:MAX_ERROR_BODY]}",
+        request_id=resp.headers.get("x-request-id"),
     )
 
 

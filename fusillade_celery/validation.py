@@ -23,7 +23,6 @@ SUPPORTED_ENDPOINTS = frozenset(
         "/v1/moderations",
     }
 )
-_SUPPORTED = "supported: " + ", ".join(sorted(SUPPORTED_ENDPOINTS))
 MAX_CUSTOM_ID = 64
 MAX_MODEL_NAME = 256
 
@@ -62,16 +61,24 @@ class Limits:
 
 
 def parse_lines(
-    source: Source | ByteLines, limits: Limits, endpoint: str | None = None
+    source: Source | ByteLines,
+    limits: Limits,
+    endpoint: str | None = None,
+    extra_endpoints: frozenset[str] = frozenset(),
 ) -> Iterator[ParsedLine]:
-    """Yield validated lines; raise :class:`InputError` at the first bad one."""
-    if endpoint is not None and endpoint not in SUPPORTED_ENDPOINTS:
-        raise InputError(f"unsupported endpoint {endpoint!r}; {_SUPPORTED}", field="endpoint")
+    """Yield validated lines; raise :class:`InputError` at the first bad one.
+    ``extra_endpoints``: paths accepted beside the built-in ones (those with a request
+    processor of their own, ``processors.processor_paths``)."""
+    supported = SUPPORTED_ENDPOINTS | extra_endpoints
+    if endpoint is not None and endpoint not in supported:
+        raise InputError(
+            f"unsupported endpoint {endpoint!r}; {_named(supported)}", field="endpoint"
+        )
     seen: set[str] = set()
     expected_url = endpoint
     count = 0
     for line_number, obj in _objects(source, limits):
-        parsed = _check(obj, line_number, seen, expected_url)
+        parsed = _check(obj, line_number, seen, expected_url, supported)
         expected_url = parsed.url
         count += 1
         yield parsed
@@ -164,7 +171,13 @@ def _objects_from_bytes(fh: Iterable[bytes], limits: Limits) -> Iterator[tuple[i
         yield line_number, obj
 
 
-def _check(obj: Any, line: int, seen: set[str], expected_url: str | None) -> ParsedLine:
+def _named(supported: frozenset[str]) -> str:
+    return "supported: " + ", ".join(sorted(supported))
+
+
+def _check(
+    obj: Any, line: int, seen: set[str], expected_url: str | None, supported: frozenset[str]
+) -> ParsedLine:
     if not isinstance(obj, dict):
         raise InputError(f"expected a JSON object, got {type(obj).__name__}", line=line)
     custom_id = obj.get("custom_id")
@@ -187,9 +200,9 @@ def _check(obj: Any, line: int, seen: set[str], expected_url: str | None) -> Par
     if method != "POST":
         raise InputError(f'must be "POST", got {method!r}', line=line, field="method")
     url = obj.get("url")
-    if not isinstance(url, str) or url not in SUPPORTED_ENDPOINTS:
+    if not isinstance(url, str) or url not in supported:
         raise InputError(
-            f"unsupported endpoint {url!r}; {_SUPPORTED}",
+            f"unsupported endpoint {url!r}; {_named(supported)}",
             line=line,
             field="url",
         )

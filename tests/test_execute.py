@@ -34,14 +34,20 @@ class Recorder:
         self.messages: list[tuple[str, str, list[int]]] = []
         self.retries: list[tuple[list[int], float]] = []
         self.retry_tokens: list[str] = []
+        #: The batch ids each published message and each retry would carry (for Flower).
+        self.message_batches: list[list[str]] = []
+        self.retry_batches: list[list[str]] = []
 
-    def publish(self, routed: str, token: str, ids: list[int]) -> None:
+    def publish(self, routed: str, token: str, ids: list[int], batch_ids: list[str]) -> None:
+        batch_of = dict(zip(ids, batch_ids, strict=True))
         for chunk in claimer.split(ids, 1):  # one request per message
             self.messages.append((routed, token, chunk))
+            self.message_batches.append(sorted({batch_of[i] for i in chunk}))
 
-    def schedule_retry(self, token: str, ids: list[int], delay: float) -> None:
+    def schedule_retry(self, token: str, ids: list[int], delay: float, batches: list[str]) -> None:
         self.retries.append((ids, delay))
         self.retry_tokens.append(token)
+        self.retry_batches.append(batches)
 
 
 def run_message(

@@ -24,10 +24,13 @@ from .base import (
 from .batches import BatchStore
 from .claims import ClaimStore
 from .config import ConfigStore, StoredConfig
+from .errors import ModelError
 from .files import FileStore
 from .keys import KeyStore
 from .maintenance import MaintenanceStore
 from .metrics import ClusterGauges, MetricsStore
+from .overview import BatchProgress, ModelOverview, OverviewStore
+from .steps import NewStep, Step, StepStore
 from .submit import SubmitStore
 from .workers import WorkerStore
 
@@ -40,21 +43,28 @@ class Store(
     WorkerStore,
     ConfigStore,
     MetricsStore,
+    OverviewStore,
+    StepStore,
     FileStore,
     KeyStore,
 ):
     """The state of record, behind one interface. Works on PostgreSQL and on SQLite. Its
     methods live in one module per concern (``claims``, ``batches``, ``maintenance``,
-    ``workers``, ``submit``, ``config``, ``metrics``, ``files``, ``keys``); the hot
-    statements in ``statements``."""
+    ``workers``, ``submit``, ``config``, ``metrics``, ``errors``, ``overview``, ``steps``,
+    ``files`` and ``keys``); the hot statements in ``statements``."""
 
 
 __all__ = [
+    "BatchProgress",
     "Claimed",
     "ClusterGauges",
     "Finish",
     "HandOff",
+    "ModelError",
+    "ModelOverview",
+    "NewStep",
     "NotFound",
+    "Step",
     "Store",
     "StoreBase",
     "StoredConfig",

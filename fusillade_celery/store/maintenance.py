@@ -309,7 +309,8 @@ class MaintenanceStore(StoreBase):
 
     @_on_disconnect_retry
     def purge_chunk(self, size: int) -> int:
-        """Delete up to ``size`` requests of soft-deleted batches, else up to ``size``
+        """Delete up to ``size`` requests of soft-deleted batches (with their ``/v1/responses``
+        loop steps), else up to ``size``
         templates of soft-deleted files that no request references any more. Returns how many
         rows went; 0 means nothing is left to purge.
 
@@ -324,9 +325,12 @@ class MaintenanceStore(StoreBase):
                 .where(r.c.batch_id.in_(select(b.c.id).where(b.c.deleted_at.is_not(None))))
                 .limit(size)
             )
-            n = conn.execute(delete(r).where(r.c.id.in_(doomed.scalar_subquery()))).rowcount
-            if n:
-                return max(n, 0)
+            ids = conn.execute(doomed).scalars().all()
+            if ids:
+                # The /v1/responses loop's steps go with their request (its payloads too).
+                s = t.response_steps
+                conn.execute(delete(s).where(s.c.request_id.in_(ids)))
+                return max(conn.execute(delete(r).where(r.c.id.in_(ids))).rowcount, 0)
             # One file a chunk, found by index look-ups (a request of a batch; a template of
             # a file), written so the planner cannot turn them into scans of either table.
             has_request = select(r.c.id).where(r.c.batch_id == b.c.id).limit(1)

@@ -2,8 +2,8 @@
 count (a batch is made from an uploaded file later); a key's files and batches are listed by
 owner, newest first
 
-Revision ID: 0006
-Revises: 0004
+Revision ID: 0007
+Revises: 0006
 Create Date: 2026-12-04 09:00:00
 """
 
@@ -12,9 +12,9 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0006"
-# Rechain to "0005" when 0005_model_errors.py is merged before this.
-down_revision = "0004"
+revision = "0007"
+# Written on a branch whose head was 0004; re-chained onto the head it is merged after.
+down_revision = "0006"
 branch_labels = None
 depends_on = None
 
