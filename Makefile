@@ -14,6 +14,7 @@ demo: $(PY)
 
 test: $(PY)
 	$(PY) -m pip install -q -e '.[dev]'
+	@bash .ci/chromium
 	$(PY) -m pytest
 
 lint: $(PY)

@@ -17,7 +17,8 @@ replies), ``embedded``
 (``fusillade-celery run`` on SQLite), ``scale`` (submit 1,000,000 lines: time and peak RSS; the
 claim statement at 10,000 and 1,000,000 pending rows, timed in turns, with its plan;
 ``iter_results`` lines/s and RSS; the purge of a 10,000-line batch beside them), ``memory``
-(worker RSS after 10,000 and after 100,000 requests). ``--scenarios a,b`` picks some; an
+(worker RSS after 10,000 and after 100,000 requests), ``api-upload`` and ``api-poll`` (the
+HTTP API: ``benchmarks/api.py``). ``--scenarios a,b`` picks some; an
 unknown name is an error. The distributed
 scenarios also report CPU per request (the whole machine's, and the workers'), steadier across
 runs than rates on a machine whose speed drifts.
@@ -742,6 +743,8 @@ SCENARIOS = (
     "embedded",
     "scale",
     "memory",
+    "api-upload",
+    "api-poll",
 )
 
 
@@ -757,6 +760,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--embedded-requests", type=int, default=5000)
     p.add_argument("--scale-lines", type=int, default=1_000_000)
+    p.add_argument("--upload-lines", type=int, default=1_000_000)
     p.add_argument("--memory-requests", type=int, default=100_000)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--concurrency", type=int, default=100)
@@ -838,6 +842,13 @@ def main(argv: list[str] | None = None) -> int:
             args.concurrency,
             use_nginx,
         )
+    if "api-upload" in wanted or "api-poll" in wanted:
+        from . import api
+
+        if "api-upload" in wanted:
+            result["api-upload"] = api.run_upload(args.upload_lines)
+        if "api-poll" in wanted:
+            result["api-poll"] = api.run_poll()
     result["bench_peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     print(json.dumps(result, indent=2))
     return 0

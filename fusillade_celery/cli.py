@@ -1,5 +1,6 @@
 """``fusillade-celery``: migrate, run, submit, status, list, results, cancel, delete, demo,
-mock-upstream, mock-tools, settings.
+mock-upstream, mock-tools, settings; the operator groups (limits, escalations, exporter,
+top, keys) and ``serve`` register themselves from their own modules.
 
 Every failure a user can cause (bad input, bad configuration, unknown batch, unreachable
 database) ends with one line on stderr and a non-zero exit, never a traceback.
@@ -62,6 +63,17 @@ def _api_key(args: argparse.Namespace, settings: Settings) -> str | None:
             raise CliError("--api-key -: standard input has no key on its first line", EXIT_INPUT)
         return key
     return args.api_key or settings.batch_api_key or None
+
+
+def _owner(args: argparse.Namespace) -> str | None:
+    from .keys import check_name
+
+    if args.owner is None:
+        return None
+    try:
+        return check_name(args.owner)
+    except ValueError as exc:
+        raise CliError(f"--owner: {exc}", EXIT_INPUT) from None
 
 
 def _window(args: argparse.Namespace, settings: Settings) -> str:
@@ -163,6 +175,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             completion_window=_window(args, settings),
             upstream=args.upstream,
             api_key=api_key,
+            owner=_owner(args),
         )
         print(f"submitted {batch_id}", file=sys.stderr)
     bar = ProgressBar(batch_id, enabled=not args.quiet, client=client)
@@ -215,6 +228,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         upstream=args.upstream,
         api_key=api_key,
         metadata=metadata,
+        owner=_owner(args),
     )
     print(batch_id)
     return EXIT_OK
@@ -334,6 +348,11 @@ def _upstream_flags(p: argparse.ArgumentParser) -> None:
         help="deadline of the batch, e.g. 24h, 30m (default: env FUSILLADE_COMPLETION_WINDOW "
         "or 24h)",
     )
+    p.add_argument(
+        "--owner",
+        help="the API key name whose callers see the batch through `serve` (default: none; "
+        "`fusillade-celery keys create --name NAME` makes a key for NAME)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -425,11 +444,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_settings)
 
-    from . import exporter, limits, top  # each group of operator commands registers its own
+    from . import exporter, keys, limits, top  # each group of operator commands registers its own
+    from .api import serve
 
     limits.register(sub)
     exporter.register(sub)
     top.register(sub)
+    keys.register(sub)
+    serve.register(sub)
     return parser
 
 

@@ -8,6 +8,7 @@ is the SQLite file, so an interrupted run resumes where it stopped.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -77,6 +78,14 @@ class EmbeddedWorker:
         worker_state.should_stop = None
         worker_state.should_terminate = None
 
+    def add_queues(self, queues: list[str]) -> None:
+        """Consume ``queues`` too. Done by the worker's own thread between two drains, as
+        Celery's ``add_consumer`` control command does it; woken at once."""
+        consumer = self._controller.consumer
+        for name in queues:
+            consumer.call_soon(consumer.add_task_queue, name)
+        self._wake()
+
     @staticmethod
     def _wake() -> None:
         """Celery's blocking loop drains the broker for up to 2 s per turn, and drains once
@@ -121,6 +130,68 @@ def default_concurrency(models: list[str], config: LiveConfig) -> int:
     return max(4, min(MAX_DEFAULT_CONCURRENCY, sum(config.limit_for(m) for m in names)))
 
 
+class InProcess:
+    """The embedded mode's moving parts around one SQLite file: a Celery worker thread on the
+    in-process broker, and the claimer, finalize and reaper passes that beat runs elsewhere
+    (``tick``). ``run_batch`` runs them until one batch ends; ``serve`` for the server's
+    lifetime (``Background``), adding the queues of models as batches bring them."""
+
+    def __init__(self, client: Client, concurrency: int):
+        self.client = client
+        self.settings = client.settings
+        self.concurrency = concurrency
+        self.worker: EmbeddedWorker | None = None
+        self._last_reap = 0.0
+
+    def start(self, models: list[str]) -> None:
+        processors.load(self.settings)  # a bad FUSILLADE_PROCESSORS: ConfigError before any run
+        configure(embedded_settings(self.settings))
+        # A fresh producer pool: the worker of an earlier run in this process closed its
+        # pool when it stopped (a notebook, a script running two batches).
+        reset_broker_connections()
+        app.conf.broker_transport_options = {"polling_interval": 0.005}
+        upstream.POOL_SIZE["size"] = self.concurrency  # the attempt threads and connections
+        queues = queues_for(models, live.current(self.client.store, self.settings))
+        self.worker = EmbeddedWorker(queues, self.concurrency)
+        self.worker.start()
+        from .tasks import SIZER
+
+        SIZER.only_consumer = self.concurrency  # messages sized to this process's -c
+        SIZER.only_queues = frozenset(queues)
+
+    def consume(self, models: list[str]) -> None:
+        """Consume the queues of ``models`` (and their escalation models) too, from now on."""
+        from .tasks import SIZER
+
+        assert self.worker is not None
+        wanted = queues_for(models, live.current(self.client.store, self.settings))
+        new = [q for q in wanted if q not in SIZER.only_queues]
+        if new:
+            self.worker.add_queues(new)
+            SIZER.only_queues = SIZER.only_queues | frozenset(new)
+
+    def tick(self, now: float | None = None) -> None:
+        """One pass of what beat schedules in the distributed mode: the reaper (every 5 s),
+        the claimer over every model, finalize."""
+        from .tasks import consumed_in, publish_execute
+
+        store, settings = self.client.store, self.settings
+        now = time.time() if now is None else now
+        if now - self._last_reap > 5.0:
+            maintenance.reap(store, settings, now)
+            self._last_reap = now
+        claimer.claim_all(store, settings, publish_execute, consumed_in(store, settings))
+        maintenance.finalize(store, settings)
+
+    def stop(self, wait: bool = True, timeout: float = 30.0) -> None:
+        from .tasks import SIZER
+
+        SIZER.only_consumer = None
+        SIZER.only_queues = frozenset()
+        if self.worker is not None:
+            self.worker.stop(wait=wait, timeout=timeout)
+
+
 def run_batch(
     client: Client,
     batch_id: str,
@@ -133,44 +204,20 @@ def run_batch(
     On the way in, rows left in flight by an earlier, interrupted run go back to pending: in
     embedded mode this process is the only worker, so they are orphans by definition. Setting
     ``stop`` ends the run as Ctrl-C does (KeyboardInterrupt) at the next tick."""
-    settings = client.settings
-    processors.load(settings)  # a bad FUSILLADE_PROCESSORS: ConfigError before anything runs
-    configure(embedded_settings(settings))
-    # A fresh producer pool: the worker of an earlier run in this process closed its pool
-    # when it stopped (a notebook, a script running two batches).
-    reset_broker_connections()
-    app.conf.broker_transport_options = {"polling_interval": 0.005}
     store = client.store
     requeued = store.requeue_in_flight(batch_id)
     if requeued:
         log.info("resuming: %d requests of the interrupted run go back to pending", requeued)
-    row = store.get_batch_row(batch_id)
-    import json
-
-    models = json.loads(row["models"])
-    config = live.current(store, settings)
+    models = json.loads(store.get_batch_row(batch_id)["models"])
     if concurrency is None:
-        concurrency = default_concurrency(models, config)
-    upstream.POOL_SIZE["size"] = concurrency  # the attempt threads and their HTTP connections
-    queues = queues_for(models, config)
-    worker = EmbeddedWorker(queues, concurrency)
-    worker.start()
-    from .tasks import SIZER, consumed_in, publish_execute
-
-    SIZER.only_consumer = concurrency  # messages sized to this process's -c
-    SIZER.only_queues = frozenset(queues)
-
-    last_reap = 0.0
+        concurrency = default_concurrency(models, live.current(store, client.settings))
+    engine = InProcess(client, concurrency)
+    engine.start(models)
     try:
         while True:
             if stop is not None and stop.is_set():
                 raise KeyboardInterrupt
-            now = time.time()
-            if now - last_reap > 5.0:
-                maintenance.reap(store, settings, now)
-                last_reap = now
-            claimer.claim_all(store, settings, publish_execute, consumed_in(store, settings))
-            maintenance.finalize(store, settings)
+            engine.tick()
             batch = client.get_batch(batch_id, counts_max_age_s=0.5)
             if on_progress is not None:
                 on_progress(batch)
@@ -178,9 +225,60 @@ def run_batch(
                 return batch
             time.sleep(TICK_S)
     except KeyboardInterrupt:
-        worker.stop(wait=False, timeout=2.0)
+        if engine.worker is not None:
+            engine.worker.stop(wait=False, timeout=2.0)
         raise
     finally:
-        SIZER.only_consumer = None
-        SIZER.only_queues = frozenset()
-        worker.stop(wait=True)
+        engine.stop(wait=True)
+
+
+#: Worker threads of an embedded server (``serve --concurrency``): its batches' models are
+#: not known when it starts; the model limits bound what runs at once.
+SERVER_CONCURRENCY = 256
+#: How long a stopping server waits for its running calls (``Background.stop``).
+SERVER_STOP_GRACE_S = 5.0
+
+
+class Background:
+    """The in-process worker and claimer of an embedded server (``fusillade-celery serve``
+    on the SQLite file), for the server's lifetime, in a thread of its own. ``wake()`` runs
+    the next pass at once (a batch was created), else one runs every ``TICK_S``."""
+
+    def __init__(self, client: Client, concurrency: int = SERVER_CONCURRENCY):
+        self.engine = InProcess(client, concurrency)
+        self.store = client.store
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        # One server per file: whatever a previous server left in flight is orphaned.
+        requeued = self.store.requeue_in_flight(None)
+        if requeued:
+            log.info("%d requests left in flight by the last server go back to pending", requeued)
+        self.engine.start(sorted(self.store.active_models()))
+        self._thread = threading.Thread(target=self._loop, name="fusillade-embedded", daemon=True)
+        self._thread.start()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.engine.consume(sorted(self.store.active_models()))
+                self.engine.tick()
+            except Exception as exc:  # noqa: BLE001 - the next pass tries again
+                log.warning("embedded pass failed (%s); trying again", exc)
+            self._wake.wait(TICK_S)
+            self._wake.clear()
+
+    def stop(self, grace_s: float = SERVER_STOP_GRACE_S) -> None:
+        """Stop claiming; let running calls finish and be written for up to ``grace_s``. A
+        thread cannot be interrupted, so calls still running then are left: their rows stay
+        in flight and go back to pending when a server starts on the file again."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(30)
+        self.engine.stop(wait=True, timeout=grace_s)

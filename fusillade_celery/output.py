@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Any
 
@@ -50,6 +51,30 @@ def batch_object(row: dict[str, Any], counts: dict[str, int]) -> dict[str, Any]:
     return obj
 
 
+def result_id(batch_id: str, custom_id: str) -> str:
+    """A result line's id: a hash of its custom_id keyed by the batch's (random) id. Stable
+    (the CLI, the helper and the API print the same) and unguessable; the row's sequence
+    number it replaces told every tenant how many requests the engine had taken."""
+    digest = hashlib.blake2b(custom_id.encode(), key=batch_id.encode()[:64], digest_size=12)
+    return digest.hexdigest()
+
+
+def file_object(row: dict[str, Any]) -> dict[str, Any]:
+    """The OpenAI File object. An output or error file's lines are rendered from the
+    requests when read, so its ``bytes`` is 0."""
+    return {
+        "id": row["id"],
+        "object": "file",
+        "bytes": int(row["bytes"] or 0),
+        "created_at": int(row["created_at"]),
+        "expires_at": _ts(row.get("expires_at")),
+        "filename": row["name"],
+        "purpose": row["purpose"],
+        "status": "processed",
+        "status_details": None,
+    }
+
+
 def _body(text: str | None) -> Any:
     if text is None:
         return None
@@ -61,13 +86,14 @@ def _body(text: str | None) -> Any:
 
 def result_line(row: dict[str, Any]) -> dict[str, Any]:
     """One line of the output file (completed) or the error file (failed / canceled)."""
+    rid = result_id(row["batch_id"], row["custom_id"])
     response = None
     if row["response_status"] is not None:
         body = _body(row["response_body"])
         request_id = body.get("id") if isinstance(body, dict) else None
         response = {
             "status_code": row["response_status"],
-            "request_id": request_id or f"req_{row['id']}",
+            "request_id": request_id or f"req_{rid}",
             "body": body,
         }
     error = None
@@ -75,7 +101,7 @@ def result_line(row: dict[str, Any]) -> dict[str, Any]:
         detail = json.loads(row["error"]) if row["error"] else {}
         error = {"code": detail.get("kind") or "failed", "message": detail.get("detail", "")}
     return {
-        "id": f"batch_req_{row['id']}",
+        "id": f"batch_req_{rid}",
         "custom_id": row["custom_id"],
         "response": response,
         "error": error,

@@ -49,7 +49,14 @@ files = Table(
     Column("expires_at", Float),
     Column("deleted_at", Float),
     Column("owner", String(256)),
+    # What a batch made from the file needs, known once the whole file is read: its lines'
+    # url, their models (JSON list) and how many there are (NULL for result files).
+    Column("endpoint", String(128)),
+    Column("models", Text),
+    Column("request_count", Integer),
     Index("ix_files_sha256", "sha256"),
+    # A key's files, newest first (``GET /v1/files``).
+    Index("ix_files_owner_created", "owner", "created_at"),
 )
 
 request_templates = Table(
@@ -102,6 +109,8 @@ batches = Table(
     Column("deleted_at", Float),
     Column("errors", Text),  # JSON
     Index("ix_batches_file_id", "file_id"),  # a file's batches (Store.purge_chunk)
+    # A key's batches, newest first (``GET /v1/batches``, the page).
+    Index("ix_batches_owner_created", "owner", "created_at"),
     Index(
         "ix_batches_active",
         "expires_at",
@@ -238,4 +247,19 @@ response_steps = Table(
     Column("started_at", Float, nullable=False),
     Column("completed_at", Float),
     Index("ix_response_steps_request", "request_id", "parent_id", "seq"),
+)
+
+# API keys (``fusillade-celery keys``): only a hash of each key is kept. A key acts for its
+# ``name``: the files and batches whose ``owner`` is that name (keys of one name share them,
+# so a key is rotated by creating a second one of the same name and revoking the first).
+api_keys = Table(
+    "api_keys",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("name", String(256), nullable=False),
+    Column("key_hash", String(64), nullable=False),  # sha256 hex of the whole key
+    Column("prefix", String(16), nullable=False),  # the key's first characters, for `keys list`
+    Column("created_at", Float, nullable=False),
+    Column("revoked_at", Float),
+    UniqueConstraint("key_hash", name="uq_api_keys_key_hash"),
 )

@@ -184,7 +184,8 @@ def test_stop_before_deadline_moves_the_cutoff(
 
 
 class _Ids:
-    """Stands in for ``uuid`` in ``submit``: file and batch ids from a list, in order."""
+    """Stands in for ``uuid`` in ``intake``: file and batch ids from a list, in order (a
+    submit takes four: input file, batch, output file, error file)."""
 
     def __init__(self, prefixes: list[str]):
         self.prefixes = iter(prefixes)
@@ -203,7 +204,8 @@ def test_finalize_and_expire_lock_batch_rows_in_id_order(
     a pass that locks in id order already holds the other one while it waits."""
     client = Client(Settings().replace(database_url=pg_url, upstream_url=mock.url))
     store = client.store
-    monkeypatch.setattr("fusillade_celery.submit.uuid", _Ids(["f1", "ff", "f2", "00"]))
+    ids = _Ids(["f1", "ff", "e1", "e2", "f2", "00", "e3", "e4"])
+    monkeypatch.setattr("fusillade_celery.intake.uuid", ids)
     last = client.submit_batch([line("b1")])  # batch_ff...: stored first, last by id
     first = client.submit_batch([line("a1")])  # batch_00...
     assert first < last

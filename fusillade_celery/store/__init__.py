@@ -25,6 +25,8 @@ from .batches import BatchStore
 from .claims import ClaimStore
 from .config import ConfigStore, StoredConfig
 from .errors import ModelError
+from .files import FileStore
+from .keys import KeyStore
 from .maintenance import MaintenanceStore
 from .metrics import ClusterGauges, MetricsStore
 from .overview import BatchProgress, ModelOverview, OverviewStore
@@ -43,11 +45,13 @@ class Store(
     MetricsStore,
     OverviewStore,
     StepStore,
+    FileStore,
+    KeyStore,
 ):
     """The state of record, behind one interface. Works on PostgreSQL and on SQLite. Its
     methods live in one module per concern (``claims``, ``batches``, ``maintenance``,
-    ``workers``, ``submit``, ``config``, ``metrics``, ``errors``, ``overview`` and
-    ``steps``); the hot statements in ``statements``."""
+    ``workers``, ``submit``, ``config``, ``metrics``, ``errors``, ``overview``, ``steps``,
+    ``files`` and ``keys``); the hot statements in ``statements``."""
 
 
 __all__ = [

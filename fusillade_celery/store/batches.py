@@ -9,6 +9,7 @@ from typing import Any
 
 from sqlalchemy import (
     func,
+    or_,
     select,
     text,
     update,
@@ -30,17 +31,14 @@ class BatchStore(StoreBase):
     """Batches and files as the submit helper, the CLI and the API read and change them."""
 
     @_on_disconnect_retry
-    def get_batch_row(self, batch_id: str) -> dict[str, Any]:
-        with self._tx() as conn:
-            row = (
-                conn.execute(
-                    select(t.batches).where(
-                        t.batches.c.id == batch_id, t.batches.c.deleted_at.is_(None)
-                    )
-                )
-                .mappings()
-                .first()
-            )
+    def get_batch_row(self, batch_id: str, owner: str | None = None) -> dict[str, Any]:
+        """The batch's row; NotFound when deleted or (``owner`` given) another owner's."""
+        b = t.batches
+        where = [b.c.id == batch_id, b.c.deleted_at.is_(None)]
+        if owner is not None:
+            where.append(b.c.owner == owner)
+        with self._one() as conn:  # one SELECT: no BEGIN/COMMIT round trips on PostgreSQL
+            row = conn.execute(select(b).where(*where)).mappings().first()
         if row is None:
             raise NotFound(f"no batch {batch_id!r}")
         return dict(row)
@@ -49,7 +47,7 @@ class BatchStore(StoreBase):
     def request_counts(self, batch_id: str) -> dict[str, int]:
         """Requests of the batch per state (every state present, zero when none)."""
         r = t.requests
-        with self._tx() as conn:
+        with self._one() as conn:
             rows = conn.execute(
                 select(r.c.state, func.count()).where(r.c.batch_id == batch_id).group_by(r.c.state)
             ).all()
@@ -136,6 +134,7 @@ class BatchStore(StoreBase):
                     conn.execute(
                         select(
                             r.c.id,
+                            r.c.batch_id,
                             r.c.custom_id,
                             r.c.state,
                             r.c.response_status,
@@ -154,6 +153,61 @@ class BatchStore(StoreBase):
             for m in page:
                 yield dict(m)
             after = page[-1]["id"]
+
+    @_on_disconnect_retry
+    def retry_failed(self, batch_id: str, now: float, expires_at: float) -> int:
+        """Failed requests of a finished batch back to pending, the batch running again
+        under the deadline ``expires_at`` (a user's explicit retry: the one way a terminal
+        request moves again, invariant 1). Cancelled requests stay cancelled. Returns how
+        many went back; 0 (nothing changed) when the batch is not finished or has none."""
+        r, b = t.requests, t.batches
+        finished = or_(
+            b.c.completed_at.is_not(None), b.c.failed_at.is_not(None), b.c.expired_at.is_not(None)
+        )
+        with self._tx() as conn:
+            batch = conn.execute(
+                select(b.c.id).where(
+                    b.c.id == batch_id,
+                    finished,
+                    b.c.cancelling_at.is_(None),
+                    b.c.deleted_at.is_(None),
+                )
+            ).first()
+            if batch is None:
+                return 0
+            moved = conn.execute(
+                update(r)
+                .where(r.c.batch_id == batch_id, r.c.state == S.FAILED.value)
+                .values(
+                    state=S.PENDING.value,
+                    attempt=0,
+                    claim_token=None,
+                    worker_id=None,
+                    routed_model=None,
+                    not_before=None,
+                    claimed_at=None,
+                    started_at=None,
+                    failed_at=None,
+                    response_status=None,
+                    response_body=None,
+                    error=None,
+                    deadline=expires_at,
+                )
+            ).rowcount
+            if moved:
+                conn.execute(
+                    update(b)
+                    .where(b.c.id == batch_id)
+                    .values(
+                        expires_at=expires_at,
+                        finalizing_at=None,
+                        completed_at=None,
+                        failed_at=None,
+                        expired_at=None,
+                        errors=None,
+                    )
+                )
+            return max(moved, 0)
 
     @_on_disconnect_retry
     def get_file_row(self, file_id: str) -> dict[str, Any]:

@@ -202,7 +202,7 @@ class MaintenanceStore(StoreBase):
         rendered from the requests when read, so nothing is copied."""
         b, f = t.batches, t.files
         row = conn.execute(
-            select(b.c.output_file_id, b.c.error_file_id).where(b.c.id == batch_id)
+            select(b.c.output_file_id, b.c.error_file_id, b.c.owner).where(b.c.id == batch_id)
         ).one()
         values = {}
         for file_column, purpose in (
@@ -219,6 +219,7 @@ class MaintenanceStore(StoreBase):
                         bytes=0,
                         batch_id=batch_id,
                         created_at=now,
+                        owner=row._mapping["owner"],
                     )
                 )
                 values[file_column] = file_id
@@ -355,13 +356,17 @@ class MaintenanceStore(StoreBase):
             )
 
     @_on_disconnect_retry
-    def requeue_in_flight(self, batch_id: str) -> int:
-        """Embedded resume: the previous process is gone, so its claims are orphans now."""
+    def requeue_in_flight(self, batch_id: str | None) -> int:
+        """Embedded resume: the previous process is gone, so its claims are orphans now
+        (``None``: every batch's, as an embedded server starts)."""
         r = t.requests
+        which: ColumnElement[bool] = r.c.state.in_(_IN_FLIGHT)
+        if batch_id is not None:
+            which = and_(r.c.batch_id == batch_id, which)
         with self._tx() as conn:
             res = conn.execute(
                 update(r)
-                .where(r.c.batch_id == batch_id, r.c.state.in_(_IN_FLIGHT))
+                .where(which)
                 .values(state=S.PENDING.value, claim_token=None, worker_id=None, not_before=None)
             )
             return max(res.rowcount, 0)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
 from sqlalchemy import (
@@ -84,12 +84,14 @@ class SubmitStore(StoreBase):
         batch_row: dict[str, Any],
         template_chunks: Iterable[list[dict[str, Any]]],
         make_batch: Callable[[], tuple[dict[str, Any], dict[str, Any]]],
+        result_files: Sequence[dict[str, Any]] = (),
     ) -> str:
         """Insert the file, the batch, its templates and one request per line, in one
         transaction. ``template_chunks`` validates as it is consumed: an error raised there
         rolls everything back, so a refused file leaves no rows (invariant 7).
         ``make_batch()`` returns (batch columns, file columns) to update once the whole file
-        has been read (count, models, size and hash are known only then).
+        has been read (count, models, size and hash are known only then). ``result_files``:
+        the batch's output and error file rows, made with it.
 
         Each chunk's requests are inserted right after its templates, and on PostgreSQL the
         next chunk is parsed in a background thread meanwhile (``_read_ahead``): parsing a
@@ -114,6 +116,8 @@ class SubmitStore(StoreBase):
         chunks = _read_ahead(template_chunks) if self.is_postgres else iter(template_chunks)
         with self._tx() as conn:
             conn.execute(insert(t.files), [file_row])
+            if result_files:  # a separate statement: an executemany takes the first row's keys
+                conn.execute(insert(t.files), list(result_files))
             conn.execute(insert(t.batches), [batch_row])
             for chunk in chunks:
                 if not chunk:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from fusillade_celery.output import batch_object, result_line
+from fusillade_celery.output import batch_object, result_id, result_line
 from fusillade_celery.states import TERMINAL, TRANSITIONS, BatchStatus, RequestState, batch_status
 
 S = RequestState
@@ -36,6 +36,7 @@ def test_output_line_has_the_openai_shape() -> None:
     out = result_line(
         {
             "id": 7,
+            "batch_id": "batch_x",
             "custom_id": "a",
             "state": "completed",
             "response_status": 200,
@@ -44,7 +45,7 @@ def test_output_line_has_the_openai_shape() -> None:
         }
     )
     assert out == {
-        "id": "batch_req_7",
+        "id": "batch_req_" + result_id("batch_x", "a"),
         "custom_id": "a",
         "response": {"status_code": 200, "request_id": "chatcmpl-1", "body": body},
         "error": None,
@@ -55,6 +56,7 @@ def test_error_lines_carry_code_and_message() -> None:
     http = result_line(
         {
             "id": 8,
+            "batch_id": "batch_x",
             "custom_id": "b",
             "state": "failed",
             "response_status": 400,
@@ -67,6 +69,7 @@ def test_error_lines_carry_code_and_message() -> None:
     expired = result_line(
         {
             "id": 9,
+            "batch_id": "batch_x",
             "custom_id": "c",
             "state": "failed",
             "response_status": None,
