@@ -126,10 +126,12 @@ REQUESTS_IN_FLIGHT = Gauge(
     multiprocess_mode="livesum",
     registry=REGISTRY,
 )
+#: Seconds of one database statement (the claim, the heartbeat upsert).
+STATEMENT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 CLAIM_DURATION = Histogram(
     "fusillade_claim_duration_seconds",
     "Time of one claim statement (lock, count, pick, claim)",
-    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+    buckets=STATEMENT_BUCKETS,
     registry=REGISTRY,
 )
 CLAIM_SIZE = Histogram(
@@ -180,7 +182,7 @@ ROWS_PURGED = Counter(
 HEARTBEAT_DURATION = Histogram(
     "fusillade_heartbeat_duration_seconds",
     "Time of one heartbeat upsert",
-    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+    buckets=STATEMENT_BUCKETS,
     registry=REGISTRY,
 )
 COMPLETED_AFTER_SLA = Counter(

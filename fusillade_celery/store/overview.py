@@ -15,6 +15,7 @@ from typing import Any
 from sqlalchemy import func, or_, select
 
 from .. import schema as t
+from ..output import TIMESTAMPS
 from ..states import BatchStatus, batch_status
 from .base import _ACTIVE_BATCH, _IN_FLIGHT, _NOT_TERMINAL, S, _on_disconnect_retry
 from .errors import ErrorStore, ModelError
@@ -82,21 +83,7 @@ _NOT_COMPLETED = sorted({*_NOT_TERMINAL, S.FAILED.value, S.CANCELED.value})
 
 
 #: What ``BatchProgress`` needs of a batch row (its status is read from the timestamps).
-_PROGRESS_COLUMNS = (
-    "id",
-    "models",
-    "total_requests",
-    "created_at",
-    "in_progress_at",
-    "expires_at",
-    "finalizing_at",
-    "completed_at",
-    "failed_at",
-    "expired_at",
-    "cancelling_at",
-    "cancelled_at",
-    "deleted_at",
-)
+_PROGRESS_COLUMNS = ("id", "models", "total_requests", *TIMESTAMPS, "deleted_at")
 
 
 class OverviewStore(ErrorStore):
